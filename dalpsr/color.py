@@ -1,0 +1,67 @@
+"""Colour correction of a diffusion output against its (upsampled) low-resolution input.
+
+Diffusion SR drifts in colour; the Real-SR pipelines (StableSR, SeeSR, PASD) correct it after decoding:
+- `wavelet`: keep the high-frequency detail of the output and take the low-frequency band from the reference,
+  using an à-trous wavelet decomposition (5 levels of a dilated 3×3 binomial blur), as in StableSR.
+- `adain`: match each channel's mean and standard deviation to the reference (adaptive instance norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+COLOR_FIX_MODES = ("wavelet", "adain", "none")
+
+# 3×3 binomial kernel (outer product of [1, 2, 1] / 4).
+_BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
+
+
+def _dilated_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    # x: B×C×H×W; replicate padding keeps borders from darkening.
+    channels = x.shape[1]
+    kernel = _BINOMIAL.to(device=x.device, dtype=x.dtype).expand(channels, 1, 3, 3)
+    pad = dilation
+    mode = "replicate" if min(x.shape[-2:]) > 1 else "constant"
+    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
+    return F.conv2d(x, kernel, groups=channels, dilation=dilation)
+
+
+def wavelet_split(x: torch.Tensor, levels: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split B×C×H×W into (high-frequency, low-frequency) bands; `high + low == x` exactly."""
+    low = x
+    for i in range(levels):
+        low = _dilated_blur(low, 2**i)
+    return x - low, low
+
+
+def wavelet_color_fix(image: torch.Tensor, reference: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """Replace the low-frequency band of `image` with that of `reference` (both B×3×H×W, same size)."""
+    high, _ = wavelet_split(image, levels)
+    _, ref_low = wavelet_split(reference, levels)
+    return high + ref_low
+
+
+def adain_color_fix(image: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Match per-channel mean and std of `image` to `reference` (B×C×H×W each; sizes may differ)."""
+    mean = image.mean(dim=(-2, -1), keepdim=True)
+    std = image.std(dim=(-2, -1), keepdim=True) + eps
+    ref_mean = reference.mean(dim=(-2, -1), keepdim=True)
+    ref_std = reference.std(dim=(-2, -1), keepdim=True)
+    return (image - mean) / std * ref_std + ref_mean
+
+
+def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, mode: str) -> torch.Tensor:
+    """Colour-correct `image` (B×3×H×W in [0, 1]) against `reference` with `mode` in COLOR_FIX_MODES."""
+    if mode not in COLOR_FIX_MODES:
+        raise ValueError(f"`color_fix` must be one of {COLOR_FIX_MODES}; got {mode!r}.")
+    if mode == "none":
+        return image
+    if image.shape != reference.shape:
+        raise ValueError(
+            f"`reference` must have the shape of `image` {tuple(image.shape)}; got {tuple(reference.shape)}."
+        )
+    dtype = image.dtype
+    image32, ref32 = image.float(), reference.float()
+    fixed = wavelet_color_fix(image32, ref32) if mode == "wavelet" else adain_color_fix(image32, ref32)
+    return fixed.clamp(0.0, 1.0).to(dtype)

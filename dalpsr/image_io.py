@@ -1,0 +1,208 @@
+"""Image loading, validation and atomic saving shared by the pipeline, the CLI and the datasets.
+
+Alpha policy: colour channels are processed as stored (not premultiplied); the alpha channel is kept
+apart, resized with bicubic interpolation to the output size and reattached to PIL outputs, so an
+RGBA/LA input gives an RGBA output. Palette images with transparency count as RGBA.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class RGBImage:
+    """A decoded image: `rgb` is a 3×H×W float tensor in [0, 1]; `alpha` is 1×H×W in [0, 1] or None."""
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.rgb.shape[-2]), int(self.rgb.shape[-1])
+
+
+def _pil_to_rgb(image: Image.Image) -> RGBImage:
+    image = ImageOps.exif_transpose(image)
+    alpha = None
+    mode = image.mode
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if mode.startswith("I") else 1.0
+        if mode == "I" and arr.size and arr.max() <= 255:
+            scale = 255.0
+        gray = torch.from_numpy(np.clip(arr / scale, 0.0, 1.0))
+        return RGBImage(gray.unsqueeze(0).expand(3, -1, -1).contiguous())
+    if mode in ("RGBA", "LA", "PA"):
+        alpha = torch.from_numpy(np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0).unsqueeze(0)
+        if bool((alpha >= 1.0).all()):
+            alpha = None
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return RGBImage(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), alpha)
+
+
+def _numpy_to_rgb(array: np.ndarray, name: str) -> RGBImage:
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(
+            f"`{name}` as a numpy array must be H×W or H×W×C with C in 1, 2, 3, 4; got shape {array.shape}."
+        )
+    if array.dtype == np.uint8:
+        data = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        data = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.floating):
+        data = array.astype(np.float32)
+        if not np.isfinite(data).all():
+            raise ValueError(f"`{name}` contains NaN or inf values.")
+        if data.min() < 0.0 or data.max() > 1.0:
+            raise ValueError(
+                f"`{name}` as a float array must lie in [0, 1]; got range [{data.min():.4g}, {data.max():.4g}]."
+            )
+    else:
+        raise TypeError(f"`{name}` numpy dtype must be uint8, uint16 or floating; got {array.dtype}.")
+    tensor = torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1)
+    channels = tensor.shape[0]
+    alpha = None
+    if channels in (2, 4):
+        alpha = tensor[-1:].clone()
+        tensor = tensor[:-1]
+        if bool((alpha >= 1.0).all()):
+            alpha = None
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    return RGBImage(tensor.contiguous(), alpha)
+
+
+def _tensor_to_rgb(tensor: torch.Tensor, name: str) -> list[RGBImage]:
+    if tensor.ndim == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 4:
+        raise ValueError(f"`{name}` as a tensor must be C×H×W or B×C×H×W; got shape {tuple(tensor.shape)}.")
+    if tensor.shape[1] not in (1, 3):
+        raise ValueError(
+            f"`{name}` tensor must have 1 or 3 channels (B×C×H×W, RGB in [0, 1]); got {tensor.shape[1]} "
+            f"channels in shape {tuple(tensor.shape)}."
+        )
+    if not tensor.is_floating_point():
+        raise TypeError(f"`{name}` tensor must be floating point in [0, 1]; got dtype {tensor.dtype}.")
+    tensor = tensor.detach().float().cpu()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"`{name}` contains NaN or inf values.")
+    lo, hi = float(tensor.min()), float(tensor.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"`{name}` tensor values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}].")
+    if tensor.shape[1] == 1:
+        tensor = tensor.expand(-1, 3, -1, -1)
+    return [RGBImage(t.contiguous()) for t in tensor]
+
+
+def to_rgb_images(image, name: str = "image") -> list[RGBImage]:
+    """Normalise any supported image input to a list of `RGBImage`.
+
+    Args:
+        image: a path, a PIL image of any mode, a numpy H×W(×C) array (uint8, uint16, or float in [0, 1]),
+            a torch tensor C×H×W or B×C×H×W (float RGB or gray in [0, 1]), or a list of these.
+        name: the argument name used in error messages.
+    """
+    if isinstance(image, list | tuple):
+        if len(image) == 0:
+            raise ValueError(f"`{name}` is an empty list; pass at least one image.")
+        out: list[RGBImage] = []
+        for i, item in enumerate(image):
+            out.extend(to_rgb_images(item, f"{name}[{i}]"))
+        return out
+    if isinstance(image, str | os.PathLike):
+        return [load_image(image)]
+    if isinstance(image, Image.Image):
+        return [_pil_to_rgb(image)]
+    if isinstance(image, np.ndarray):
+        return [_numpy_to_rgb(image, name)]
+    if isinstance(image, torch.Tensor):
+        return _tensor_to_rgb(image, name)
+    raise TypeError(
+        f"`{name}` must be a path, PIL.Image, numpy array, torch tensor or a list of them; got {type(image).__name__}."
+    )
+
+
+def load_image(path: str | os.PathLike) -> RGBImage:
+    """Decode an image file (any Pillow mode; EXIF orientation applied) to an `RGBImage`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    with Image.open(path) as img:
+        img.load()
+        return _pil_to_rgb(img)
+
+
+def load_pil_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to an 8-bit RGB PIL image (EXIF orientation applied, alpha dropped)."""
+    return tensor_to_pil(load_image(path).rgb)
+
+
+def tensor_to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
+    """3×H×W float [0, 1] (and optional 1×H×W alpha) → 8-bit PIL RGB/RGBA, rounding to nearest."""
+    arr = (rgb.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    if alpha is None:
+        return Image.fromarray(arr, mode="RGB")
+    a = (alpha.detach().float().clamp(0, 1)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(np.concatenate([arr, a[:, :, None]], axis=2), mode="RGBA")
+
+
+def list_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files and folders into a sorted list of image files (by extension)."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found.extend(sorted(q for q in p.glob(pattern) if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"Input not found: {p}")
+    return found
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs) -> None:
+    """Save a PIL image atomically; the format follows the suffix of `path`."""
+    import io
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"`path` has an unsupported image suffix {path.suffix!r}; use one of {IMAGE_EXTENSIONS}.")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **save_kwargs)
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,311 @@
+"""Tiny random components for tests and examples. Everything here builds offline, in code, with no download."""
+
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+
+import torch
+
+TINY_TEXT_DIM = 32
+
+
+@lru_cache(maxsize=1)
+def _clip_bpe() -> tuple[dict[str, int], list[str]]:
+    """CLIP's byte-level BPE vocabulary and merges, built from open_clip's bundled merges file."""
+    from importlib.resources import files
+
+    raw = gzip.decompress((files("open_clip") / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode("utf-8")
+    merges = raw.split("\n")[1 : 49152 - 256 - 2 + 1]
+    # GPT-2 byte ↔ unicode table: printable bytes map to themselves, the rest to 256 + n.
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    byte_chars = [chr(c) for c in codes]
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, merges
+
+
+def get_dummy_tokenizer(model_max_length: int = 77):
+    """The real CLIP tokenizer (49,408 tokens, SD2 padding with "!"), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_bpe()
+    pairs = [tuple(m.split()) for m in merges]
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, pad_token="!", model_max_length=model_max_length)
+
+
+def get_dummy_components(seed: int = 0, scheduler: str = "ddim") -> dict:
+    """Tiny random components for `DaLPSRPipeline(**components)`: an SD2-shaped model at toy size.
+
+    The VAE downsamples by 2, the UNet has two levels (pixel multiple 4), text width 32; the LR ControlNet is
+    made from the UNet as in `DaLPSRPipeline.from_sd2`.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        EulerDiscreteScheduler,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dalpsr.pipelines.pipeline_dalpsr import build_lr_controlnet
+
+    schedulers = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler}
+    if scheduler not in schedulers:
+        raise ValueError(f"`scheduler` must be one of {sorted(schedulers)}; got {scheduler!r}.")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TINY_TEXT_DIM,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=TINY_TEXT_DIM,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=TINY_TEXT_DIM,
+            hidden_act="gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        )
+    ).eval()
+    torch.manual_seed(seed + 3)
+    controlnet = build_lr_controlnet(unet, vae_scale_factor=2)
+    # A fresh ControlNet has zero output convolutions; give them small random weights so the LR branch
+    # actually changes the result in tests.
+    generator = torch.Generator().manual_seed(seed + 4)
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for block in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=generator) * 0.05)
+    sched = schedulers[scheduler](
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": get_dummy_tokenizer(),
+        "unet": unet,
+        "controlnet": controlnet,
+        "scheduler": sched,
+    }
+
+
+def get_dummy_pipeline(seed: int = 0, scheduler: str = "ddim", **optional):
+    """A `DaLPSRPipeline` over `get_dummy_components(seed)` (plus any optional components), on CPU."""
+    from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
+
+    pipe = DaLPSRPipeline(**get_dummy_components(seed, scheduler), **optional)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_CAPTION_WORDS = (
+    "a an the of in on at with and or but while by from to into over under near behind beside between "
+    "is are was this that it its their his her there some two three many few one "
+    "describe content image style detail main subjects appearance setting colours colors lighting textures "
+    "do not comment blur noise quality photo picture close-up portrait view scene "
+    "man woman child people dog cat bird horse car bus bicycle boat tree trees flower flowers grass field "
+    "river lake sea beach mountain sky cloud clouds road street building house window door wall bridge "
+    "table chair book cup plate food fruit hat shirt dress face eyes hair hand "
+    "red green blue yellow white black brown grey gray orange pink purple golden dark bright light "
+    "soft warm cold sunny cloudy old new small large tall wooden stone metal glass smooth rough "
+    "sitting standing walking running parked flying lying wearing holding looking smiling "
+    "morning evening sunset night daylight shadow shadows background foreground detailed sharp "
+    "user assistant"
+).split()
+
+
+def get_dummy_caption_tokenizer(image_token: bool = True):
+    """A small word-level tokenizer for the tiny captioning models (lower-cased words and punctuation).
+
+    Special tokens: `<unk>`, `<s>` (prepended to every text), `</s>`, `<pad>` and the image placeholder
+    `<image>` (declared as the tokenizer's `image_token` when `image_token`; BLIP-2's processor declares it
+    itself); decoding joins words with spaces and tidies the space before punctuation.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    vocab = {t: i for i, t in enumerate(specials + list(dict.fromkeys(_CAPTION_WORDS)) + list(".,:;!?-'\n"))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"} if image_token else None,
+    )
+
+
+# A LLaVA-1.5 style template ("USER: <image>\n... ASSISTANT:") written as a transformers chat template.
+_TINY_LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def get_dummy_llava(seed: int = 0):
+    """A tiny random LLaVA (CLIP vision tower 32 px / patch 8, two-layer Llama) and its processor.
+
+    Returns `(LlavaForConditionalGeneration, LlavaProcessor)`; ~0.1 M parameters, built offline.
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = get_dummy_caption_tokenizer()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+        chat_template=_TINY_LLAVA_CHAT_TEMPLATE,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-2,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def get_dummy_blip2(seed: int = 0):
+    """A tiny random BLIP-2 (ViT + Q-Former with 4 queries + two-layer OPT) and its processor.
+
+    Returns `(Blip2ForConditionalGeneration, Blip2Processor)`; the processor has no chat template, so a
+    captioner feeds it the bare instruction.
+    """
+    from transformers import (
+        BlipImageProcessor,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+
+    tokenizer = get_dummy_caption_tokenizer(image_token=False)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=4)
+    vision = Blip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        encoder_hidden_size=32,
+        vocab_size=len(tokenizer),
+    )
+    text = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=text.to_dict(),
+        num_query_tokens=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def get_dummy_captioner(seed: int = 0, **kwargs):
+    """A `Captioner` over `get_dummy_llava(seed)`: real `generate`, random words, offline, on CPU.
+
+    It reloads the same weights after `unload()`. `kwargs` go to `Captioner` (e.g. `cache=`, `batch_size=`).
+    """
+    from dalpsr.captioning import Captioner
+
+    def loader():
+        return get_dummy_llava(seed)
+
+    model, processor = loader()
+    settings = {"max_new_tokens": 12, "generation_kwargs": {"min_new_tokens": 4}, **kwargs}
+    return Captioner(model, processor, model_id=f"dalpsr-testing/tiny-llava-seed{seed}", loader=loader, **settings)
