@@ -1,17 +1,38 @@
 """dalpsr: real-world image super-resolution with a Stable Diffusion 2 prior, an LR ControlNet,
-degradation-aligned prompts and MLLM captions."""
+degradation-aligned prompts and MLLM captions.
 
-from dalpsr.color import apply_color_fix
-from dalpsr.image_io import load_image, to_rgb_images
-from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline, DaLPSRPipelineOutput, build_lr_controlnet
+Public names are imported on first use, so `import dalpsr` and the `dalpsr` command start fast. diffusers
+resolves saved custom components through `getattr(dalpsr, ClassName)`, which this table serves.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "DaLPSRPipeline",
-    "DaLPSRPipelineOutput",
-    "apply_color_fix",
-    "build_lr_controlnet",
-    "load_image",
-    "to_rgb_images",
-]
+# public name → module that defines it
+_EXPORTS = {
+    "DaLPSRPipeline": "dalpsr.pipelines.pipeline_dalpsr",
+    "DaLPSRPipelineOutput": "dalpsr.pipelines.pipeline_dalpsr",
+    "build_lr_controlnet": "dalpsr.pipelines.pipeline_dalpsr",
+    "apply_color_fix": "dalpsr.color",
+    "load_image": "dalpsr.image_io",
+    "to_rgb_images": "dalpsr.image_io",
+    "DAT": "dalpsr.models.dat",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dalpsr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

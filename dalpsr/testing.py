@@ -248,12 +248,12 @@ def get_dummy_blip2(seed: int = 0):
     captioner feeds it the bare instruction.
     """
     from transformers import (
-        BlipImageProcessor,
         Blip2Config,
         Blip2ForConditionalGeneration,
         Blip2Processor,
         Blip2QFormerConfig,
         Blip2VisionConfig,
+        BlipImageProcessor,
         OPTConfig,
     )
 

@@ -1,0 +1,205 @@
+"""DaLPSRPipeline speed and memory against references in the same run (ratios, not absolute timings).
+
+1. Speed: A/B interleaved in one process, `DaLPSRPipeline` vs diffusers' `StableDiffusionControlNetPipeline` on the
+   same components, steps and generator (the oracle setting: pure-noise start, shared text, no colour fix).
+   Prints the median time ratio (goal ≤ 1.05).
+2. Memory: a tiled ×4 run to 1024² output vs one to 512², each in a fresh subprocess; prints the ratio of the peak
+   memory the run adds over the loaded pipeline (goal ≤ 1.3). On CUDA it uses `torch.cuda.max_memory_allocated`,
+   on CPU the process high-water mark (VmHWM) minus the resident size before the run.
+
+The models are small random SD2-shaped ones with the real VAE factor 8 and a 512-px native tile, so tiling behaves
+as with SD2-base; `--sd2` uses the real SD2-base architecture (random weights; slow on CPU).
+
+    python benchmarks/bench_pipeline.py [--rounds 7] [--steps 10] [--sd2] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def bench_components(sd2: bool, seed: int = 0) -> dict:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dalpsr import build_lr_controlnet
+    from dalpsr.testing import get_dummy_tokenizer
+
+    if sd2:
+        from dalpsr.configs import build_sd2_base_components
+
+        return build_sd2_base_components()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=16,
+        layers_per_block=1,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=49408,
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    ).eval()
+    return {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": get_dummy_tokenizer(),
+        "unet": unet,
+        "controlnet": build_lr_controlnet(unet, 8),
+        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+    }
+
+
+def speed(rounds: int, steps: int, sd2: bool, device: str) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    from dalpsr import DaLPSRPipeline
+
+    components = bench_components(sd2)
+    ours = DaLPSRPipeline(**components).to(device)
+    ref = StableDiffusionControlNetPipeline(**components, safety_checker=None, feature_extractor=None).to(device)
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    lr = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    up = torch.nn.functional.interpolate(lr, size=(512, 512), mode="bicubic", align_corners=False).clamp(0, 1)
+    text = "a photo"
+
+    def run_ours():
+        return ours(
+            lr,
+            prompt=text,
+            degradation_prompt="",
+            quality_prompt="",
+            negative_prompt="",
+            text_routing="shared",
+            color_fix="none",
+            num_inference_steps=steps,
+            guidance_scale=5.5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+
+    def run_ref():
+        return ref(
+            prompt=text,
+            negative_prompt="",
+            image=up,
+            height=512,
+            width=512,
+            num_inference_steps=steps,
+            guidance_scale=5.5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        ).images
+
+    def timed(fn):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, out
+
+    timed(run_ours)
+    timed(run_ref)
+    t_ours, t_ref = [], []
+    for i in range(rounds):
+        order = (run_ours, run_ref) if i % 2 == 0 else (run_ref, run_ours)
+        for fn in order:
+            t, out = timed(fn)
+            (t_ours if fn is run_ours else t_ref).append(t)
+    max_diff = (run_ours().cpu() - run_ref().cpu()).abs().max().item()
+    ratio = statistics.median(t_ours) / statistics.median(t_ref)
+    print(
+        f"speed  512² ×4, {steps} steps, {rounds} interleaved rounds on {device}: "
+        f"ours {statistics.median(t_ours):.3f}s  diffusers ControlNet {statistics.median(t_ref):.3f}s  "
+        f"ratio {ratio:.3f} (goal ≤ 1.05); max |diff| {max_diff:.2e}"
+    )
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(out_size: int, sd2: bool, device: str) -> None:
+    from dalpsr import DaLPSRPipeline
+
+    pipe = DaLPSRPipeline(**bench_components(sd2)).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_kib("VmRSS") * 1024
+    pipe(lr, num_inference_steps=2, guidance_scale=5.5, generator=torch.Generator().manual_seed(0), output_type="pt")
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kib("VmHWM") * 1024
+    print(json.dumps({"size": out_size, "added_peak_bytes": peak - base}))
+
+
+def memory(sd2: bool, device: str) -> None:
+    added = {}
+    for size in (512, 1024):
+        cmd = [sys.executable, __file__, "--memory-child", str(size), "--device", device] + (["--sd2"] if sd2 else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        added[size] = json.loads(out)["added_peak_bytes"]
+    ratio = added[1024] / added[512]
+    print(
+        f"memory tiled ×4 on {device}: added peak 512² {added[512] / 2**20:.1f} MiB, "
+        f"1024² {added[1024] / 2**20:.1f} MiB, ratio {ratio:.2f} (goal ≤ 1.3)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--sd2", action="store_true", help="real SD2-base architecture (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.sd2, args.device)
+        return
+    if not args.skip_speed:
+        speed(args.rounds, args.steps, args.sd2, args.device)
+    if not args.skip_memory:
+        memory(args.sd2, args.device)
+
+
+if __name__ == "__main__":
+    main()
