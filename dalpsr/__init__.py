@@ -7,7 +7,7 @@ resolves saved custom components through `getattr(dalpsr, ClassName)`, which thi
 
 from __future__ import annotations
 
-import importlib
+from dalpsr._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -25,13 +25,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'dalpsr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -136,9 +137,7 @@ def fit_to_token_budget(text: str, tokenizer, max_tokens: int = CLIP_TOKEN_BUDGE
         raise TypeError(f"`max_tokens` must be an int; got {type(max_tokens).__name__}.")
     n_special = _count_tokens(tokenizer, [""])[0]
     if max_tokens <= n_special:
-        raise ValueError(
-            f"`max_tokens` must exceed the tokenizer's {n_special} special tokens; got {max_tokens}."
-        )
+        raise ValueError(f"`max_tokens` must exceed the tokenizer's {n_special} special tokens; got {max_tokens}.")
     text = " ".join(text.split())
     if _count_tokens(tokenizer, [text])[0] <= max_tokens:
         return text
@@ -322,6 +321,7 @@ class _SQLiteStore:
         self.corrupt: list[CorruptEntry] = []
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._lock = threading.Lock()  # one connection per process, shared by its threads
         self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -361,16 +361,20 @@ class _SQLiteStore:
                 self.corrupt.append(entry)
             return None
 
+    def _execute(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._connect().execute(sql, params).fetchall()
+
     def get(self, key: str) -> CaptionRecord | None:
-        row = self._connect().execute(f"SELECT {self._COLUMNS} FROM captions WHERE key = ?", (key,)).fetchone()
-        return None if row is None else self._row_to_record(row, report=True)
+        rows = self._execute(f"SELECT {self._COLUMNS} FROM captions WHERE key = ?", (key,))
+        return self._row_to_record(rows[0], report=True) if rows else None
 
     def put(self, record: CaptionRecord) -> None:
         values = tuple(asdict(record)[c] for c in self._COLUMNS.split(", "))
-        self._connect().execute(f"INSERT OR REPLACE INTO captions ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?)", values)
+        self._execute(f"INSERT OR REPLACE INTO captions ({self._COLUMNS}) VALUES (?,?,?,?,?,?,?)", values)
 
     def records(self) -> Iterator[CaptionRecord]:
-        rows = self._connect().execute(f"SELECT {self._COLUMNS} FROM captions ORDER BY rowid").fetchall()
+        rows = self._execute(f"SELECT {self._COLUMNS} FROM captions ORDER BY rowid")
         for row in rows:
             record = self._row_to_record(row, report=True)
             if record is not None:
@@ -646,6 +650,11 @@ class Captioner:
     captioner knows how to load it again (`from_pretrained`, `get_dummy_captioner`), the next call
     reloads it.
 
+    As the optional `captioner` component of `DaLPSRPipeline` it is not written by `save_pretrained`
+    (diffusers saves only its own, transformers and scheduler classes, and records `[None, None]`); pass
+    it again to `from_pretrained(..., captioner=...)`, or keep `captioner.config` (JSON) and rebuild it
+    lazily with `Captioner.from_config`.
+
     Args:
         model: a loaded image-text-to-text model (e.g. `LlavaForConditionalGeneration`).
         processor: its processor (image processor + tokenizer, ideally with a chat template).
@@ -720,15 +729,14 @@ class Captioner:
                    "revision", "cache_dir"}  # fmt: skip
         unknown = sorted(set(load_kwargs) - allowed)
         if unknown:
-            raise TypeError(f"Unknown argument(s) {unknown} for `Captioner.from_pretrained`; allowed: {sorted(allowed)}.")
+            raise TypeError(
+                f"Unknown argument(s) {unknown} for `Captioner.from_pretrained`; allowed: {sorted(allowed)}."
+            )
 
         def loader():
             return load_caption_model(model_id, **load_kwargs)
 
-        model, processor = (None, None) if lazy else loader()
         captioner = cls(
-            model,
-            processor,
             model_id=model_id,
             loader=loader,
             instruction=instruction,
@@ -738,6 +746,8 @@ class Captioner:
             cache=cache,
         )
         captioner.load_settings = {k: v for k, v in load_kwargs.items() if k != "cache_dir"}
+        if not lazy:
+            captioner.load()
         return captioner
 
     @property

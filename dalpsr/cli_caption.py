@@ -24,7 +24,9 @@ def add_commands(subparsers) -> None:
         "--out", type=Path, required=True, help="caption cache: a .jsonl file, or a SQLite file (any other suffix)"
     )
     p.add_argument("--model", default=None, help="hub id or local folder (default llava-hf/llava-1.5-7b-hf)")
-    p.add_argument("--instruction", default=None, help="the question asked for each image (default: detailed content and style)")
+    p.add_argument(
+        "--instruction", default=None, help="the question asked for each image (default: detailed content and style)"
+    )
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: CUDA when available)")
@@ -62,15 +64,18 @@ def run_caption(args: argparse.Namespace) -> int:
         DEFAULT_CAPTION_MODEL,
         DEFAULT_INSTRUCTION,
         CaptionCache,
-        CaptionModelNotFoundError,
         Captioner,
+        CaptionModelNotFoundError,
         image_content_sha256,
     )
     from dalpsr.image_io import load_pil_rgb
 
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}.", file=sys.stderr)
+            print(
+                f"error: --{name.replace('_', '-')} must be a positive integer; got {getattr(args, name)}.",
+                file=sys.stderr,
+            )
             return 2
     instruction = args.instruction or DEFAULT_INSTRUCTION
     files, failures = _collect(args.inputs, args.recursive)

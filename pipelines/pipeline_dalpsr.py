@@ -482,6 +482,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         default_prompt: str = "",
+        unload_captioner: bool = False,
     ):
         r"""Super-resolve `image`.
 
@@ -518,6 +519,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 return a dict with replacement "latents".
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` to pass to the callback.
             default_prompt: content prompt used when `prompt` is None and no captioner is set.
+            unload_captioner: free the captioner's model right after captioning, before diffusion (it reloads on
+                its next use). Captions are trimmed at a phrase boundary to the text encoder's 77-token budget.
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -564,6 +567,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             default_prompt=default_prompt,
+            unload_captioner=unload_captioner,
         )
         # Images of different sizes run as separate batches, in input order.
         groups: list[list[int]] = []
@@ -633,6 +637,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end,
         callback_on_step_end_tensor_inputs,
         default_prompt,
+        unload_captioner,
     ) -> dict:
         device = self._execution_device
         dtype = self.unet.dtype
@@ -644,10 +649,15 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         # 3. Prompts: content (caller / caption / default), degradation (caller / decoder / empty).
         if any(p is None for p in prompts) and self.captioner is not None:
+            from dalpsr.captioning import fit_to_token_budget
+
             missing = [i for i, p in enumerate(prompts) if p is None]
             captions = self.captioner([tensor_to_pil(upsampled[i]) for i in missing])
+            if unload_captioner:
+                self.captioner.unload()
+            budget = self.tokenizer.model_max_length
             for i, caption in zip(missing, captions):
-                prompts[i] = caption
+                prompts[i] = fit_to_token_budget(caption, self.tokenizer, budget)
         prompts = [default_prompt if p is None else p for p in prompts]
         degradation_prompts = ["" if d is None else d for d in degradation_prompts]
         unet_only = [join_prompt(d, quality_prompt) for d in degradation_prompts]

@@ -17,8 +17,8 @@ from dalpsr import captioning
 from dalpsr.captioning import (
     DEFAULT_INSTRUCTION,
     CaptionCache,
-    CaptionModelNotFoundError,
     Captioner,
+    CaptionModelNotFoundError,
     caption_key,
     clean_caption,
     fit_to_token_budget,
@@ -158,7 +158,7 @@ def test_llava_captions_are_batched_and_clean(captioner):
     # Different images give different captions from the same model.
     assert len(set(captions)) > 1
     # Tensor and path inputs are accepted too.
-    tensor = torch.from_numpy(np.asarray(images[0])).permute(2, 0, 1).float() / 255
+    tensor = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float() / 255
     assert captioner(tensor) == captions[:1]
     assert captioner(images[0], max_new_tokens=4)[0] != captions[0]
 
@@ -168,7 +168,7 @@ def test_captioner_rejects_bad_arguments(captioner):
         captioner([_image(0)], instruction="  ")
     with pytest.raises(ValueError, match="`max_new_tokens`"):
         captioner([_image(0)], max_new_tokens=0)
-    with pytest.raises(TypeError, match="`images`"):
+    with pytest.raises(TypeError, match=r"`images\[0\]`"):
         captioner([object()])
     model, processor = get_dummy_llava()
     with pytest.raises(ValueError, match="`batch_size`"):
@@ -380,7 +380,8 @@ def test_jsonl_corrupt_entries_are_skipped_and_reported(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped 5 corrupt"):
         reopened = CaptionCache(path)
     assert reopened.get(_sha(1), "m", "i") == "a dog"
-    assert load_captions(path) == {"0.png": "a cat", "1.png": "a dog"}
+    with pytest.warns(RuntimeWarning, match="skipped 5 corrupt"):
+        assert load_captions(path) == {"0.png": "a cat", "1.png": "a dog"}
 
 
 def test_sqlite_corrupt_rows_and_files(tmp_path):
@@ -453,13 +454,20 @@ def test_cli_caption_missing_model(tmp_path, capsys):
     assert not (tmp_path / "c.jsonl").exists()
 
 
-def test_cli_caption_real_photos(tmp_path, captioner, capsys):
-    lr = SHARED / "Set5"
-    files = sorted(lr.rglob("*.png"))[:2] if lr.exists() else []
-    if not files:
-        pytest.skip(f"real test images not found under {lr}")
-    captions = captioner([Image.open(f) for f in files])
-    assert len(captions) == 2 and all(captions)
+def test_cli_caption_real_photos(tmp_path, llava_dir, capsys):
+    from dalpsr.cli import main
+    from dalpsr.image_io import list_images
+
+    root = SHARED / "real_lr" / "Real-ESRGAN"
+    files = list_images([root])[:3] if root.is_dir() else []
+    if len(files) < 3:
+        pytest.skip(f"real low-resolution photos not found under {root}")
+    out = tmp_path / "captions.sqlite"
+    args = ["caption", *map(str, files), "--out", str(out), "--model", str(llava_dir), "--max-new-tokens", "6"]
+    assert main(args) == 0
+    captions = load_captions(out)
+    assert set(captions) == {f.name for f in files} and all(captions.values())
+    assert set(load_captions(out, key="sha256")) == {image_content_sha256(f) for f in files}
 
 
 # ---------------------------------------------------------------- through the pipeline

@@ -14,7 +14,6 @@ spandrel = pytest.importorskip("spandrel")
 from spandrel.architectures.DAT import DAT as RefDAT  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     # these models are tiny; on a shared few-core machine one thread is ~10x faster than oversubscribed ones
@@ -95,7 +94,11 @@ def test_matches_spandrel_small_custom():
 
 @pytest.mark.parametrize(
     ("name", "scale"),
-    [("dat_light", 3), pytest.param("dat_s", 4, marks=pytest.mark.slow), pytest.param("dat", 2, marks=pytest.mark.slow)],
+    [
+        ("dat_light", 3),
+        pytest.param("dat_s", 4, marks=pytest.mark.slow),
+        pytest.param("dat", 2, marks=pytest.mark.slow),
+    ],
 )
 def test_spandrel_loads_our_weights(name, scale, tmp_path):
     ours = DAT.from_preset(name, scale).eval()
@@ -282,8 +285,8 @@ def test_tiled_dat_close_to_untiled():
     x = image(40, 48)
     with torch.no_grad():
         full = ours(x)
-    assert torch.equal(ours.upscale(x, tile_size=64), full)  # one tile == plain forward
-    tiled = ours.upscale(x, tile_size=24, tile_overlap=8)
+    assert torch.equal(ours.super_resolve(x, tile_size=64), full)  # one tile == plain forward
+    tiled = ours.super_resolve(x, tile_size=24, tile_overlap=8)
     diff = (tiled - full).abs()
     assert tiled.shape == full.shape
     assert diff.mean() < 1.5e-4 and diff.max() < 3e-3
@@ -294,7 +297,7 @@ def test_bf16_autocast_on_cpu():
     x = image(16, 20)
     with torch.no_grad():
         full = ours(x)
-    low = ours.upscale(x, dtype=torch.bfloat16)
+    low = ours.super_resolve(x, dtype=torch.bfloat16)
     assert low.dtype == torch.float32 and low.shape == full.shape
     diff = (low - full).abs()  # measured: mean 3.5e-4, max 2.3e-3
     assert diff.mean() < 1.5e-3 and diff.max() < 1e-2
@@ -309,6 +312,6 @@ def test_half_precision_on_gpu(dtype):
     x = image(48, 40).cuda()
     with torch.no_grad():
         full = ref(x)
-    low = ours.upscale(x, tile_size=32, tile_overlap=8, dtype=dtype)
+    low = ours.super_resolve(x, tile_size=32, tile_overlap=8, dtype=dtype)
     assert torch.isfinite(low).all()
     assert (low - full).abs().mean() < 2e-2

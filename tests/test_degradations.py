@@ -107,7 +107,9 @@ def test_seeded_determinism_and_batch_equals_single(batch):
     a = degrade(batch, "realesrgan", seeds=seeds)
     b = degrade(batch, "realesrgan", seeds=seeds)
     assert torch.equal(a.lr, b.lr) and a.prompts == b.prompts
-    singles = [degrade_image(batch[i], "realesrgan", generator=torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    singles = [
+        degrade_image(batch[i], "realesrgan", generator=torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)
+    ]
     assert torch.equal(torch.stack([s.lr for s in singles]), a.lr)
     assert [s.prompt for s in singles] == a.prompts
     assert [s.params for s in singles] == a.params

@@ -419,3 +419,30 @@ def test_corrupt_file_raises(pipe, tmp_path):
     Image.new("RGB", (4, 4)).save(buf, format="PNG")
     (tmp_path / "ok.png").write_bytes(buf.getvalue())
     assert pipe(str(tmp_path / "ok.png"), generator=gen(), **FAST).images[0].size == (16, 16)
+
+
+class _LongCaptioner:
+    """Test double: a captioner whose caption overflows the 77-token budget."""
+
+    def __init__(self):
+        self.calls, self.unloaded = [], 0
+
+    def __call__(self, images):
+        self.calls.append([im.size for im in images])
+        return ["a very long description of a mountain lake, " * 20 + "at dawn"] * len(images)
+
+    def unload(self):
+        self.unloaded += 1
+
+
+def test_captions_fit_the_token_budget_and_captioner_can_unload():
+    cap = _LongCaptioner()
+    pipe = get_dummy_pipeline(seed=0, captioner=cap)
+    out = pipe([rand_lr(8, 8), rand_lr(8, 8, 1)], prompt=None, unload_captioner=True, generator=gen(), **FAST)
+    assert cap.calls == [[(32, 32), (32, 32)]], "one batched call on the upsampled LR images"
+    assert cap.unloaded == 1
+    n_tokens = len(pipe.tokenizer(out.prompts[0]).input_ids)
+    assert n_tokens <= 77 and out.prompts[0].startswith("a very long description")
+    assert out.controlnet_prompts == out.prompts
+    given = pipe(rand_lr(8, 8), prompt="a cat", generator=gen(), **FAST)
+    assert given.prompts == ["a cat"] and len(cap.calls) == 1

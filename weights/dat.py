@@ -44,9 +44,7 @@ def read_dat_state_dict(path: str | os.PathLike, param_key: str | None = None) -
     elif suffix in _PTH_SUFFIXES:
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        raise ValueError(
-            f"`path` must end in .safetensors or one of {', '.join(_PTH_SUFFIXES)}, got {path.name!r}."
-        )
+        raise ValueError(f"`path` must end in .safetensors or one of {', '.join(_PTH_SUFFIXES)}, got {path.name!r}.")
     if not isinstance(state, dict):
         raise ValueError(f"`path` {path} does not hold a dict of tensors (got {type(state).__name__}).")
     if param_key is not None:
@@ -125,9 +123,7 @@ def infer_dat_config(state: dict[str, Tensor]) -> dict:
     }
 
 
-def load_dat_checkpoint(
-    path: str | os.PathLike, param_key: str | None = None, img_range: float = 1.0
-) -> DAT:
+def load_dat_checkpoint(path: str | os.PathLike, param_key: str | None = None, img_range: float = 1.0) -> DAT:
     """Build a `DAT` from an official checkpoint (`.pth` / `.safetensors`) or a converted diffusers folder.
 
     Args:

@@ -1,39 +1,31 @@
 """Degradation synthesis (Real-ESRGAN second-order pipeline and blind-SR presets) with labels and prompt text."""
 
-from dalpsr.degradations.config import DegradationConfig, FinalConfig, KernelConfig, StageConfig, preset
-from dalpsr.degradations.pipeline import (
-    DegradationParams,
-    DegradationResult,
-    DegradedImage,
-    degrade,
-    degrade_image,
-    label_values,
-)
-from dalpsr.degradations.vocabulary import (
-    CANDIDATE_PHRASES,
-    LABEL_SHAPE,
-    TYPE_NAMES,
-    TYPES,
-    labels_to_text,
-    text_to_labels,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CANDIDATE_PHRASES",
-    "DegradationConfig",
-    "DegradationParams",
-    "DegradationResult",
-    "DegradedImage",
-    "FinalConfig",
-    "KernelConfig",
-    "LABEL_SHAPE",
-    "StageConfig",
-    "TYPES",
-    "TYPE_NAMES",
-    "degrade",
-    "degrade_image",
-    "label_values",
-    "labels_to_text",
-    "preset",
-    "text_to_labels",
-]
+from dalpsr._lazy import lazy_getattr
+
+# public name → defining module; imported on first use so the `dalpsr` command starts fast
+_EXPORTS = {
+    "CANDIDATE_PHRASES": "dalpsr.degradations.vocabulary",
+    "DegradationConfig": "dalpsr.degradations.config",
+    "DegradationParams": "dalpsr.degradations.pipeline",
+    "DegradationResult": "dalpsr.degradations.pipeline",
+    "DegradedImage": "dalpsr.degradations.pipeline",
+    "FinalConfig": "dalpsr.degradations.config",
+    "KernelConfig": "dalpsr.degradations.config",
+    "LABEL_SHAPE": "dalpsr.degradations.vocabulary",
+    "StageConfig": "dalpsr.degradations.config",
+    "TYPES": "dalpsr.degradations.vocabulary",
+    "TYPE_NAMES": "dalpsr.degradations.vocabulary",
+    "degrade": "dalpsr.degradations.pipeline",
+    "degrade_image": "dalpsr.degradations.pipeline",
+    "label_values": "dalpsr.degradations.pipeline",
+    "labels_to_text": "dalpsr.degradations.vocabulary",
+    "preset": "dalpsr.degradations.config",
+    "text_to_labels": "dalpsr.degradations.vocabulary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -234,10 +234,9 @@ def make_pairs(
                 bar.update(1)
 
         if workers > 1:
-            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers) as pool:
                 for future in as_completed([pool.submit(_process_image, t) for t in tasks]):
                     collect(*future.result())
         else:

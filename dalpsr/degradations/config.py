@@ -197,7 +197,9 @@ class DegradationConfig:
             names = {f.name for f in dataclasses.fields(kind)}
             unknown = set(d) - names
             if unknown:
-                raise ValueError(f"`data` has unknown {kind.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}.")
+                raise ValueError(
+                    f"`data` has unknown {kind.__name__} keys {sorted(unknown)}; allowed: {sorted(names)}."
+                )
             kwargs = {}
             for k, v in d.items():
                 if k == "kernel":

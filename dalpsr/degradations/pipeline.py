@@ -192,7 +192,11 @@ def _apply_stage(
     backend: str,
 ) -> None:
     n = range(len(images))
-    _grouped(images, [i for i in n if kernels[i] is not None], lambda x, m: ops.filter2d(x, torch.stack([kernels[i] for i in m])))
+    _grouped(
+        images,
+        [i for i in n if kernels[i] is not None],
+        lambda x, m: ops.filter2d(x, torch.stack([kernels[i] for i in m])),
+    )
     _grouped(images, list(n), lambda x, m: ops.resize(x, stages[m[0]].size, stages[m[0]].resize_mode),
              key=lambda i: (stages[i].size, stages[i].resize_mode))  # fmt: skip
     for i in n:
@@ -203,7 +207,11 @@ def _apply_stage(
             images[i], st.noise_equivalent_sigma = ops.add_poisson_noise(
                 images[i], st.poisson_scale, st.noise_gray, generators[i]
             )
-    _grouped(images, [i for i in n if stages[i].jpeg_quality], lambda x, m: ops.jpeg(x, [stages[i].jpeg_quality for i in m], backend))
+    _grouped(
+        images,
+        [i for i in n if stages[i].jpeg_quality],
+        lambda x, m: ops.jpeg(x, [stages[i].jpeg_quality for i in m], backend),
+    )
 
 
 def make_generators(
@@ -227,7 +235,9 @@ def make_generators(
         return [torch.Generator().manual_seed(s) for s in derived], derived
     if isinstance(generator, Sequence) and all(isinstance(g, torch.Generator) for g in generator):
         if len(generator) != batch_size:
-            raise ValueError(f"`generator` list must have one generator per image ({batch_size}); got {len(generator)}.")
+            raise ValueError(
+                f"`generator` list must have one generator per image ({batch_size}); got {len(generator)}."
+            )
         return list(generator), None
     raise TypeError(
         "`generator` must be a torch.Generator or a list of one per image, or `seeds` a list of ints; "
@@ -290,7 +300,11 @@ def degrade(
     _grouped(images, jpeg_first, lambda x, m: ops.jpeg(x, [final[i].jpeg_quality for i in m], backend))
     _grouped(images, list(range(b)), lambda x, m: ops.resize(x, lr_size, final[m[0]].resize_mode),
              key=lambda i: final[i].resize_mode)  # fmt: skip
-    _grouped(images, [i for i in range(b) if "sinc" in kernels[i]], lambda x, m: ops.filter2d(x, torch.stack([kernels[i]["sinc"] for i in m])))
+    _grouped(
+        images,
+        [i for i in range(b) if "sinc" in kernels[i]],
+        lambda x, m: ops.filter2d(x, torch.stack([kernels[i]["sinc"] for i in m])),
+    )
     _grouped(images, resize_first, lambda x, m: ops.jpeg(x, [final[i].jpeg_quality for i in m], backend))
 
     lr = torch.clamp(torch.round(torch.cat(images) * 255.0), 0, 255) / 255.0

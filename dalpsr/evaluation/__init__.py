@@ -4,26 +4,30 @@ pyiqa is optional (`pip install dalpsr[metrics]`) and imported only when metrics
 restricts commercial use.
 """
 
-from dalpsr.evaluation.evaluate import CompareResult, EvalResult, compare_methods, evaluate_folder
-from dalpsr.evaluation.grids import GridLayout, make_grid, pick_regions
-from dalpsr.evaluation.metrics import MetricProtocol, build_metrics, score
-from dalpsr.evaluation.pairing import Pairing, align_sizes, pair_folders
-from dalpsr.evaluation.weights import MissingWeightsError, missing_weight_files
+from __future__ import annotations
 
-__all__ = [
-    "CompareResult",
-    "EvalResult",
-    "GridLayout",
-    "MetricProtocol",
-    "MissingWeightsError",
-    "Pairing",
-    "align_sizes",
-    "build_metrics",
-    "compare_methods",
-    "evaluate_folder",
-    "make_grid",
-    "missing_weight_files",
-    "pair_folders",
-    "pick_regions",
-    "score",
-]
+from dalpsr._lazy import lazy_getattr
+
+# public name → defining module; imported on first use so the `dalpsr` command starts fast
+_EXPORTS = {
+    "CompareResult": "dalpsr.evaluation.evaluate",
+    "EvalResult": "dalpsr.evaluation.evaluate",
+    "GridLayout": "dalpsr.evaluation.grids",
+    "MetricProtocol": "dalpsr.evaluation.metrics",
+    "MissingWeightsError": "dalpsr.evaluation.weights",
+    "Pairing": "dalpsr.evaluation.pairing",
+    "align_sizes": "dalpsr.evaluation.pairing",
+    "build_metrics": "dalpsr.evaluation.metrics",
+    "compare_methods": "dalpsr.evaluation.evaluate",
+    "evaluate_folder": "dalpsr.evaluation.evaluate",
+    "make_grid": "dalpsr.evaluation.grids",
+    "missing_weight_files": "dalpsr.evaluation.weights",
+    "pair_folders": "dalpsr.evaluation.pairing",
+    "pick_regions": "dalpsr.evaluation.grids",
+    "score": "dalpsr.evaluation.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

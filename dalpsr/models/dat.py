@@ -8,13 +8,13 @@ checkpoints (`{"params": ...}`) load strictly into `DAT`. What differs from the 
 - `DAT` is a diffusers `ModelMixin` + `ConfigMixin`; `act_layer` / `norm_layer` are fixed to GELU /
   LayerNorm (the only values ever used) so the config stays JSON; `use_chk` switches on diffusers'
   gradient checkpointing (`enable_gradient_checkpointing`), per block.
-- Window attention goes through `F.scaled_dot_product_attention` with the relative-position bias (and the
-  shift mask) as an additive bias; shift masks for input sizes other than `img_size` are cached per size
-  instead of being rebuilt on every forward.
+- Fewer copies in the window attention (in-place bias/mask addition, windows partitioned once for q, k
+  and v); shift masks for input sizes other than `img_size` are cached per size instead of being rebuilt
+  on every forward.
 - `forward` takes an optional `pre_group` hook that may rewrite the token sequence before each residual
   group: the extension point for degradation-feature fusion (see `DAT.forward_features`).
-- `tiled_forward` / `DAT.upscale` run large inputs in overlapping tiles with linear blending, optionally
-  under fp16/bf16 autocast.
+- `tiled_forward` / `DAT.super_resolve` run large inputs in overlapping tiles with linear blending,
+  optionally under fp16/bf16 autocast.
 """
 
 from __future__ import annotations
@@ -202,9 +202,7 @@ class WindowAttention(nn.Module):
         attn_drop: attention dropout.
     """
 
-    def __init__(
-        self, dim: int, num_heads: int, window: tuple[int, int], qk_scale: float | None, attn_drop: float
-    ):
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int], qk_scale: float | None, attn_drop: float):
         super().__init__()
         self.num_heads = num_heads
         self.window = window
@@ -233,17 +231,12 @@ class WindowAttention(nn.Module):
         n_win, n = windows.shape[2], windows.shape[3]
         windows = windows.reshape(3, b, n_win, n, self.num_heads, c // self.num_heads).transpose(3, 4)
         q, k, v = windows.unbind(0)  # B, nW, heads, N, d
-        bias = self.position_bias()  # heads, N, N
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # B, nW, heads, N, N
+        attn += self.position_bias()
         if mask is not None:
-            bias = bias + mask[:, None]  # nW, heads, N, N
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=bias.to(q.dtype),
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
+            attn += mask[:, None]
+        attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+        out = attn @ v  # B, nW, heads, N, d
         out = out.transpose(2, 3).reshape(b, n_win, n, c)
         return _window_merge(out, wh, ww, h, w)
 
@@ -562,13 +555,9 @@ class DAT(ModelMixin, ConfigMixin):
         if resi_connection not in ("1conv", "3conv"):
             raise ValueError(f"`resi_connection` must be '1conv' or '3conv', got {resi_connection!r}.")
         if upsampler not in ("pixelshuffle", "pixelshuffledirect"):
-            raise ValueError(
-                f"`upsampler` must be 'pixelshuffle' or 'pixelshuffledirect', got {upsampler!r}."
-            )
+            raise ValueError(f"`upsampler` must be 'pixelshuffle' or 'pixelshuffledirect', got {upsampler!r}.")
         if upscale < 1 or (upsampler == "pixelshuffle" and upscale != 3 and upscale & (upscale - 1)):
-            raise ValueError(
-                f"`upscale` must be 1, a power of 2 or 3 for upsampler {upsampler!r}, got {upscale}."
-            )
+            raise ValueError(f"`upscale` must be 1, a power of 2 or 3 for upsampler {upsampler!r}, got {upscale}.")
 
         mean = _RGB_MEAN if in_chans == 3 else (0.0,)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
@@ -673,9 +662,7 @@ class DAT(ModelMixin, ConfigMixin):
             pre_group: see `forward_features`.
         """
         if x.ndim != 4 or x.shape[1] != self.config.in_chans:
-            raise ValueError(
-                f"`x` must have shape (B, {self.config.in_chans}, H, W), got {tuple(x.shape)}."
-            )
+            raise ValueError(f"`x` must have shape (B, {self.config.in_chans}, H, W), got {tuple(x.shape)}.")
         mean = self.mean.to(x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
@@ -687,7 +674,7 @@ class DAT(ModelMixin, ConfigMixin):
         return x / self.img_range + mean
 
     @torch.no_grad()
-    def upscale(
+    def super_resolve(
         self,
         image: Tensor,
         tile_size: int | None = None,
@@ -748,8 +735,11 @@ def tiled_forward(
     Returns:
         (B, C, H*scale, W*scale) float tensor in the input's dtype.
     """
-    if not isinstance(image, Tensor) or image.ndim != 4:
-        raise ValueError(f"`image` must be a (B, C, H, W) tensor, got {getattr(image, 'shape', type(image))}.")
+    if not isinstance(image, Tensor) or image.ndim != 4 or not image.is_floating_point():
+        raise ValueError(
+            f"`image` must be a float (B, C, H, W) tensor, got {getattr(image, 'shape', type(image))} "
+            f"of {getattr(image, 'dtype', None)}."
+        )
     if dtype not in (None, torch.float16, torch.bfloat16):
         raise ValueError(f"`dtype` must be None, torch.float16 or torch.bfloat16, got {dtype!r}.")
     if tile_size is not None and tile_size < 1:
