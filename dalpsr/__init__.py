@@ -20,6 +20,10 @@ _EXPORTS = {
     "load_image": "dalpsr.image_io",
     "to_rgb_images": "dalpsr.image_io",
     "DAT": "dalpsr.models.dat",
+    "DegradationEncoder": "dalpsr.models.degradation_encoder",
+    "DegradationFeatures": "dalpsr.models.degradation_encoder",
+    "RestorationPromptDecoder": "dalpsr.models.prompt_decoder",
+    "DegradationPrediction": "dalpsr.models.prompt_decoder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,6 @@
+"""Model classes, each `ModelMixin` + `ConfigMixin` so `save_pretrained` / `from_pretrained` round-trip them."""
+
+from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
+from dalpsr.models.prompt_decoder import DegradationPrediction, RestorationPromptDecoder
+
+__all__ = ["DegradationEncoder", "DegradationFeatures", "DegradationPrediction", "RestorationPromptDecoder"]
