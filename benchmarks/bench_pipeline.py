@@ -7,10 +7,12 @@
    memory the run adds over the loaded pipeline (goal ≤ 1.3). On CUDA it uses `torch.cuda.max_memory_allocated`,
    on CPU the process high-water mark (VmHWM) minus the resident size before the run.
 
-The models are small random SD2-shaped ones with the real VAE factor 8 and a 512-px native tile, so tiling behaves
-as with SD2-base; `--sd2` uses the real SD2-base architecture (random weights; slow on CPU).
+Models (random weights): the speed run uses a small SD2-shaped UNet/ControlNet/VAE with the real VAE factor 8 and
+a 512-px native tile, so the pipeline's own overhead is visible; the memory run uses the real SD2-base VAE with that
+small UNet, so activation memory is realistic where it peaks (VAE decode) while a CPU run stays short. `--sd2` uses
+the full SD2-base architecture for both (slow on CPU).
 
-    python benchmarks/bench_pipeline.py [--rounds 7] [--steps 10] [--sd2] [--device cuda]
+    python benchmarks/bench_pipeline.py [--rounds 7] [--steps 10] [--threads 1] [--sd2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 import torch
 
 
-def bench_components(sd2: bool, seed: int = 0) -> dict:
+def bench_components(sd2: bool, seed: int = 0, real_vae: bool = False) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -48,14 +50,19 @@ def bench_components(sd2: bool, seed: int = 0) -> dict:
         use_linear_projection=True,
         norm_num_groups=16,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=16,
-        layers_per_block=1,
-    )
+    if real_vae:
+        from dalpsr.configs import load_sd2_base_config
+
+        vae = AutoencoderKL.from_config(load_sd2_base_config("vae"))
+    else:
+        vae = AutoencoderKL(
+            block_out_channels=(16, 16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=16,
+            layers_per_block=1,
+        )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             hidden_size=32,
@@ -156,7 +163,7 @@ def _rss_kib(field: str) -> int:
 def memory_child(out_size: int, sd2: bool, device: str) -> None:
     from dalpsr import DaLPSRPipeline
 
-    pipe = DaLPSRPipeline(**bench_components(sd2)).to(device)
+    pipe = DaLPSRPipeline(**bench_components(sd2, real_vae=True)).to(device)
     pipe.set_progress_bar_config(disable=True)
     lr = torch.rand(1, 3, out_size // 4, out_size // 4, generator=torch.Generator().manual_seed(0))
     if device.startswith("cuda"):
@@ -164,15 +171,16 @@ def memory_child(out_size: int, sd2: bool, device: str) -> None:
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_kib("VmRSS") * 1024
-    pipe(lr, num_inference_steps=2, guidance_scale=5.5, generator=torch.Generator().manual_seed(0), output_type="pt")
+    pipe(lr, num_inference_steps=1, guidance_scale=5.5, generator=torch.Generator().manual_seed(0), output_type="pt")
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kib("VmHWM") * 1024
     print(json.dumps({"size": out_size, "added_peak_bytes": peak - base}))
 
 
-def memory(sd2: bool, device: str) -> None:
+def memory(sd2: bool, device: str, threads: int) -> None:
     added = {}
     for size in (512, 1024):
-        cmd = [sys.executable, __file__, "--memory-child", str(size), "--device", device] + (["--sd2"] if sd2 else [])
+        cmd = [sys.executable, __file__, "--memory-child", str(size), "--device", device, "--threads", str(threads)]
+        cmd += ["--sd2"] if sd2 else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         added[size] = json.loads(out)["added_peak_bytes"]
     ratio = added[1024] / added[512]
@@ -188,17 +196,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--sd2", action="store_true", help="real SD2-base architecture (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps timings stable on a busy machine)")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child, args.sd2, args.device)
         return
     if not args.skip_speed:
         speed(args.rounds, args.steps, args.sd2, args.device)
     if not args.skip_memory:
-        memory(args.sd2, args.device)
+        memory(args.sd2, args.device, args.threads)
 
 
 if __name__ == "__main__":

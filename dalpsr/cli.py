@@ -7,10 +7,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalpsr import cli_caption, cli_upscale
+    from dalpsr import cli_caption, cli_degradation, cli_upscale
     from dalpsr.degradations import cli as degradations_cli
     from dalpsr.evaluation import cli as evaluation_cli
     from dalpsr.weights import cli as weights_cli
+    from dalpsr.weights import seesr as seesr_weights
 
     parser = argparse.ArgumentParser(
         prog="dalpsr", description="Real-world image super-resolution with a diffusion prior."
@@ -18,8 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     cli_upscale.add_commands(subparsers)
     cli_caption.add_commands(subparsers)
+    cli_degradation.add_commands(subparsers)
     degradations_cli.add_commands(subparsers)
     weights_cli.add_commands(subparsers)
+    seesr_weights.add_commands(subparsers)
     evaluation_cli.add_commands(subparsers)
     return parser
 

@@ -134,6 +134,20 @@ def get_dummy_pipeline(seed: int = 0, scheduler: str = "ddim", **optional):
     return pipe
 
 
+def save_dummy_sd2(path, seed: int = 0) -> tuple[str, str]:
+    """Write `get_dummy_components(seed)` as SD2-layout sub-folders (vae/, text_encoder/, tokenizer/, unet/,
+    scheduler/) plus the LR ControlNet in `path/controlnet`.
+
+    Returns `(sd2_folder, controlnet_folder)`, usable as `DaLPSRPipeline.from_sd2(sd2, controlnet=cn)` and as
+    `--pretrained_model_name_or_path` / `--controlnet_model_name_or_path` of `training/train_lora.py`.
+    """
+    from pathlib import Path
+
+    for name, component in get_dummy_components(seed).items():
+        component.save_pretrained(Path(path) / name)
+    return str(path), str(Path(path) / "controlnet")
+
+
 _CAPTION_WORDS = (
     "a an the of in on at with and or but while by from to into over under near behind beside between "
     "is are was this that it its their his her there some two three many few one "
@@ -309,3 +323,46 @@ def get_dummy_captioner(seed: int = 0, **kwargs):
     model, processor = loader()
     settings = {"max_new_tokens": 12, "generation_kwargs": {"min_new_tokens": 4}, **kwargs}
     return Captioner(model, processor, model_id=f"dalpsr-testing/tiny-llava-seed{seed}", loader=loader, **settings)
+
+
+TINY_IMAGE_DIM = 16
+
+
+def get_dummy_image_encoder(seed: int = 0):
+    """A tiny random `RAMImageEncoder` (Swin 32 px, patch 4, widths 8/16, window 4) → B × 17 × 16 embeddings."""
+    from dalpsr.models.ram_encoder import RAMImageEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RAMImageEncoder(
+            image_size=32,
+            patch_size=4,
+            embed_dim=8,
+            depths=(2, 2),
+            num_heads=(1, 2),
+            window_size=4,
+            projection_dim=TINY_IMAGE_DIM,
+        ).eval()
+
+
+def get_dummy_seesr_components(seed: int = 0, scheduler: str = "ddpm") -> dict:
+    """`get_dummy_components` with SeeSR image cross-attention in UNet and ControlNet plus a tiny image encoder.
+
+    The UNet and ControlNet keep the weights of `get_dummy_components(seed)`; their `image_attentions` are random.
+    """
+    from dalpsr.models.image_attention import SeeSRControlNetModel, SeeSRUNet2DConditionModel
+
+    components = get_dummy_components(seed, scheduler)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 5)
+        for name, cls in (("unet", SeeSRUNet2DConditionModel), ("controlnet", SeeSRControlNetModel)):
+            stock = components[name]
+            model = cls.from_config(
+                stock.config, use_image_cross_attention=True, image_cross_attention_dim=TINY_IMAGE_DIM
+            )
+            missing = model.load_state_dict(stock.state_dict(), strict=False).missing_keys
+            if any("image_attentions" not in key for key in missing):
+                raise RuntimeError(f"SeeSR {name} does not extend the stock one: missing {missing}.")
+            components[name] = model
+    components["image_encoder"] = get_dummy_image_encoder(seed + 6)
+    return components

@@ -88,10 +88,15 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         restorer: optional regression SR model (DAT) for two-stage restoration.
         captioner: optional MLLM captioner; not saved by `save_pretrained` (it is a transformers model with its
             own processor; pass it again after loading).
+        image_encoder: optional image encoder for SeeSR-style image cross-attention (e.g. `RAMImageEncoder`):
+            needed when the UNet and ControlNet have `image_attentions` (`use_image_cross_attention`); its
+            `encode(lr)` embeddings of the LR image go to both (`DaLPSRPipeline.from_seesr`).
     """
 
-    model_cpu_offload_seq = "degradation_encoder->prompt_decoder->restorer->text_encoder->controlnet->unet->vae"
-    _optional_components = ["degradation_encoder", "prompt_decoder", "restorer", "captioner"]
+    model_cpu_offload_seq = (
+        "degradation_encoder->prompt_decoder->restorer->image_encoder->text_encoder->controlnet->unet->vae"
+    )
+    _optional_components = ["degradation_encoder", "prompt_decoder", "restorer", "captioner", "image_encoder"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "controlnet_prompt_embeds"]
     _lora_loadable_modules = ["unet", "text_encoder", "controlnet"]
 
@@ -107,6 +112,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         prompt_decoder: Any = None,
         restorer: Any = None,
         captioner: Any = None,
+        image_encoder: Any = None,
     ):
         super().__init__()
         if not isinstance(controlnet, ControlNetModel):
@@ -124,6 +130,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompt_decoder=prompt_decoder,
             restorer=restorer,
             captioner=captioner,
+            image_encoder=image_encoder,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
@@ -185,6 +192,44 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             scheduler=scheduler,
             **components,
         )
+
+    @classmethod
+    def from_seesr(
+        cls,
+        seesr_dir: str | os.PathLike,
+        base: str | os.PathLike | None = None,
+        ram: str | os.PathLike | None = None,
+        dape: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        revision: str | None = None,
+        trust_pickle: bool = False,
+        **components,
+    ) -> DaLPSRPipeline:
+        """Build the pipeline from SeeSR's released weights (cswry/SeeSR) on an SD2-base folder.
+
+        Run it with SeeSR's settings via `pipe(image, **dalpsr.weights.seesr.seesr_call_kwargs())`.
+
+        Args:
+            seesr_dir: the SeeSR release folder holding `unet/` and `controlnet/` (Hub `CSWRY/SeeSR`, `seesr/`).
+            base: SD2-base folder or hub id; None downloads the VAE, text encoder, tokenizer and scheduler of
+                `dalpsr.weights.seesr.SD2_BASE_MIRROR` at the pinned `SD2_BASE_REVISION`.
+            ram: RAM's `ram_swin_large_14m.pth` or a folder from `dalpsr convert-ram`.
+            dape: SeeSR's `DAPE.pth`, merged into RAM's Swin (with a RAM `.pth`).
+            torch_dtype: dtype for the loaded models.
+            revision: hub revision of `base`.
+            trust_pickle: allow full unpickling of `.pth` files that `torch.load(weights_only=True)` refuses.
+            components: any other component to use instead (e.g. `captioner`, `scheduler`).
+        """
+        from diffusers import DDPMScheduler
+
+        from dalpsr.weights.seesr import resolve_sd2_base, seesr_components
+
+        base_dir = resolve_sd2_base(base, revision)
+        parts = seesr_components(seesr_dir, ram, dape, torch_dtype=torch_dtype, trust_pickle=trust_pickle)
+        if "scheduler" not in components:
+            components["scheduler"] = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler")
+        controlnet = parts.pop("controlnet")
+        return cls.from_sd2(base_dir, controlnet=controlnet, torch_dtype=torch_dtype, **{**parts, **components})
 
     # ------------------------------------------------------------------ attention / LoRA
     def enable_xformers_memory_efficient_attention(self, attention_op: Callable | None = None) -> None:
@@ -390,7 +435,30 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return tiled_map(decode, latents, latent_tile, latent_tile // 4, scale=self.vae_scale_factor)
         return decode(latents)
 
+    def _image_attention_kwargs(self, images: list[RGBImage], device, dtype, do_cfg: bool) -> dict:
+        """`{"image_encoder_hidden_states": B×N×D}` of the LR images when UNet and ControlNet have image
+        cross-attention (repeated for the CFG half), else {}."""
+        flags = [bool(getattr(m.config, "use_image_cross_attention", False)) for m in (self.unet, self.controlnet)]
+        if not any(flags):
+            return {}
+        if not all(flags):
+            raise ValueError(
+                f"Image cross-attention must be on in both the UNet and the ControlNet or in neither; got "
+                f"unet={flags[0]}, controlnet={flags[1]} (`use_image_cross_attention`)."
+            )
+        if self.image_encoder is None:
+            raise ValueError(
+                "The UNet and ControlNet have image cross-attention (SeeSR) but the pipeline has no `image_encoder`; "
+                "pass one (e.g. `RAMImageEncoder`, see `DaLPSRPipeline.from_seesr`)."
+            )
+        lr = torch.stack([im.rgb for im in images])
+        embeds = self.image_encoder.encode(lr).to(device=device, dtype=dtype)
+        return {"image_encoder_hidden_states": torch.cat([embeds, embeds]) if do_cfg else embeds}
+
     def _predict_noise(self, latent_in, t, cond, unet_embeds, cn_embeds, cn_scale, image_kwargs):
+        # The condition (B×3×H×W) is repeated for the CFG half here, per tile, not at full resolution.
+        if cond.shape[0] != latent_in.shape[0]:
+            cond = cond.repeat(latent_in.shape[0] // cond.shape[0], 1, 1, 1)
         down, mid = self.controlnet(
             latent_in,
             t,
@@ -483,6 +551,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         default_prompt: str = "",
         unload_captioner: bool = False,
+        start_timestep: int | None = None,
     ):
         r"""Super-resolve `image`.
 
@@ -521,6 +590,9 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             default_prompt: content prompt used when `prompt` is None and no captioner is set.
             unload_captioner: free the captioner's model right after captioning, before diffusion (it reloads on
                 its next use). Captions are trimmed at a phrase boundary to the text encoder's 77-token budget.
+            start_timestep: start from the VAE latent of the upsampled LR noised to this training timestep and run
+                the scheduled steps at or below it (SeeSR's LR start: 999 with DDPM); needs `start_strength=1`
+                and a scheduler whose `add_noise` takes any training timestep (DDPM, DDIM).
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -541,6 +613,15 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             output_type,
             callback_on_step_end_tensor_inputs,
         )
+        if start_timestep is not None:
+            train_steps = self.scheduler.config.num_train_timesteps
+            if isinstance(start_timestep, bool) or not isinstance(start_timestep, int):
+                raise ValueError(f"`start_timestep` must be an int or None; got {start_timestep!r}.")
+            if not 0 <= start_timestep < train_steps or start_strength != 1.0:
+                raise ValueError(
+                    f"`start_timestep` must be in [0, {train_steps}) with `start_strength`=1.0; got "
+                    f"start_timestep={start_timestep}, start_strength={start_strength}."
+                )
         images = to_rgb_images(image)
         batch = len(images)
         prompts = self._as_list(prompt, batch, "prompt")
@@ -568,6 +649,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             default_prompt=default_prompt,
             unload_captioner=unload_captioner,
+            start_timestep=start_timestep,
         )
         # Images of different sizes run as separate batches, in input order.
         groups: list[list[int]] = []
@@ -638,6 +720,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         callback_on_step_end_tensor_inputs,
         default_prompt,
         unload_captioner,
+        start_timestep,
     ) -> dict:
         device = self._execution_device
         dtype = self.unet.dtype
@@ -674,7 +757,6 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             neg = self.encode_prompt(negative_prompts, device, dtype)
             unet_embeds = torch.cat([neg, unet_embeds])
             cn_embeds = torch.cat([neg, cn_embeds])
-        cond_in = torch.cat([cond] * 2) if do_cfg else cond
 
         # 5. Timesteps.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -690,6 +772,13 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             timesteps = timesteps[t_start:]
             if hasattr(self.scheduler, "set_begin_index"):
                 self.scheduler.set_begin_index(t_start)
+        if start_timestep is not None:
+            skip = int((timesteps > start_timestep).sum())
+            if skip == len(timesteps):
+                raise ValueError(f"`start_timestep`={start_timestep} is below every scheduled timestep.")
+            timesteps = timesteps[skip:]
+            if skip and hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(skip)
         self._num_timesteps = len(timesteps)
 
         # 6. Latents.
@@ -706,9 +795,10 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         else:
             noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
         vae_tile = vae_tile_size or self.native_resolution
-        if start_strength < 1.0:
+        if start_timestep is not None or start_strength < 1.0:
             init = self._vae_encode(cond.to(self.vae.dtype) * 2 - 1, vae_tile).to(dtype)
-            lat = self.scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
+            start = timesteps[:1] if start_timestep is None else torch.tensor([start_timestep], device=device)
+            lat = self.scheduler.add_noise(init, noise, start.repeat(batch))
         else:
             lat = noise * self.scheduler.init_noise_sigma
 
@@ -720,7 +810,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         extra_step = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step["generator"] = generator
-        image_kwargs: dict = {}
+        image_kwargs = self._image_attention_kwargs(images, device, dtype, do_cfg)
         prompt_embeds, controlnet_prompt_embeds = unet_embeds, cn_embeds
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
@@ -731,7 +821,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 args = (
                     latent_in,
                     t,
-                    cond_in,
+                    cond,
                     prompt_embeds,
                     controlnet_prompt_embeds,
                     controlnet_conditioning_scale,

@@ -72,7 +72,7 @@ def convert_daclip_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     if not any(k.startswith("visual_control.") for k in state):
         raise ValueError(
             "`state` is not a DA-CLIP checkpoint: no `visual_control.*` keys "
-            f"(first keys: {list(state)[:5]}). For a plain open_clip checkpoint use `DegradationEncoder.from_open_clip`."
+            f"(first keys: {list(state)[:5]}). For plain open_clip weights use `DegradationEncoder.from_open_clip`."
         )
     out: dict[str, Tensor] = {}
     unknown = []

@@ -76,7 +76,9 @@ def build_open_clip_model(clip_model: str | dict) -> nn.Module:
     elif isinstance(clip_model, dict):
         cfg = copy.deepcopy(clip_model)
     else:
-        raise TypeError(f"`clip_model` must be an open_clip model name or config dict; got {type(clip_model).__name__}.")
+        raise TypeError(
+            f"`clip_model` must be an open_clip model name or config dict; got {type(clip_model).__name__}."
+        )
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in cfg:
             raise ValueError(f"`clip_model` config needs {key!r}; got keys {sorted(cfg)}.")
@@ -94,7 +96,9 @@ def _check_vit(visual: nn.Module) -> None:
             f"`clip_model` must have an open_clip ViT image tower (VisionTransformer); got {type(visual).__name__}."
         )
     if not isinstance(visual.patch_dropout, nn.Identity):
-        raise ValueError("`clip_model` vision_cfg must have patch_dropout 0: tower and controller must see the same tokens.")
+        raise ValueError(
+            "`clip_model` vision_cfg must have patch_dropout 0: tower and controller must see the same tokens."
+        )
 
 
 class DegradationEncoder(ModelMixin, ConfigMixin):
@@ -195,7 +199,9 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
         if images.ndim == 3:
             images = images.unsqueeze(0)
         if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"`images` must be a float tensor B×3×H×W in [0, 1]; got {tuple(images.shape)} {images.dtype}.")
+            raise ValueError(
+                f"`images` must be a float tensor B×3×H×W in [0, 1]; got {tuple(images.shape)} {images.dtype}."
+            )
         lo, hi = float(images.min()), float(images.max())
         if not (lo >= -1e-6 and hi <= 1 + 1e-6):
             raise ValueError(f"`images` values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}].")
@@ -222,9 +228,15 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
             return_dict: return `DegradationFeatures` (else a tuple in its field order).
         """
         expected = (3, *self.image_size)
-        if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        if (
+            not isinstance(pixel_values, torch.Tensor)
+            or pixel_values.ndim != 4
+            or tuple(pixel_values.shape[1:]) != expected
+        ):
             got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"`pixel_values` must be B×{expected[0]}×{expected[1]}×{expected[2]} (use `preprocess`); got {got}.")
+            raise ValueError(
+                f"`pixel_values` must be B×{expected[0]}×{expected[1]}×{expected[2]} (use `preprocess`); got {got}."
+            )
         tower, ctrl = self.clip.visual, self.controller
         batch_first = getattr(tower.transformer, "batch_first", True)
 
@@ -313,9 +325,7 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
         self.reset_controller()
 
     @classmethod
-    def from_open_clip(
-        cls, clip_model: str | dict, pretrained: str | os.PathLike, **kwargs
-    ) -> DegradationEncoder:
+    def from_open_clip(cls, clip_model: str | dict, pretrained: str | os.PathLike, **kwargs) -> DegradationEncoder:
         """Build the encoder with open_clip weights in the frozen model (controller = copy, zero modules 0).
 
         Args:
@@ -359,10 +369,14 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
         own = self.state_dict()
         unexpected = sorted(set(state) - set(own))
         if unexpected:
-            raise ValueError(f"{source} has keys this encoder does not have, e.g. {unexpected[:5]} ({len(unexpected)}).")
+            raise ValueError(
+                f"{source} has keys this encoder does not have, e.g. {unexpected[:5]} ({len(unexpected)})."
+            )
         bad = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if v.shape != own[k].shape]
         if bad:
-            raise ValueError(f"{source} does not match `clip_model` {self.config.clip_model!r}: shape (got, expected) {bad[:5]}.")
+            raise ValueError(
+                f"{source} does not match `clip_model` {self.config.clip_model!r}: shape (got, expected) {bad[:5]}."
+            )
         missing = sorted(set(own) - set(state))
         if [k for k in missing if not k.startswith("token_head.")]:
             raise ValueError(f"{source} lacks keys, e.g. {missing[:5]} ({len(missing)}).")

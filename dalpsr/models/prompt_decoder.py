@@ -115,7 +115,9 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
         self.query_proj = nn.Linear(embed_dim, hidden_dim)
         self.query_offset = nn.Parameter(torch.zeros(n, hidden_dim))
         self.token_proj = nn.Linear(embed_dim, hidden_dim)
-        self.layers = nn.ModuleList(CrossAttentionLayer(hidden_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            CrossAttentionLayer(hidden_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers)
+        )
         self.norm_out = nn.LayerNorm(hidden_dim)
         self.head = nn.Linear(hidden_dim, 1)
 
@@ -137,8 +139,16 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
     def forward(self, degradation_tokens: torch.Tensor) -> torch.Tensor:
         """Logits B×NUM_TYPES×NUM_BINS from degradation tokens B×K×D."""
         d = self.config.embed_dim
-        if not isinstance(degradation_tokens, torch.Tensor) or degradation_tokens.ndim != 3 or degradation_tokens.shape[-1] != d:
-            got = tuple(degradation_tokens.shape) if isinstance(degradation_tokens, torch.Tensor) else type(degradation_tokens).__name__
+        if (
+            not isinstance(degradation_tokens, torch.Tensor)
+            or degradation_tokens.ndim != 3
+            or degradation_tokens.shape[-1] != d
+        ):
+            got = (
+                tuple(degradation_tokens.shape)
+                if isinstance(degradation_tokens, torch.Tensor)
+                else type(degradation_tokens).__name__
+            )
             raise ValueError(f"`degradation_tokens` must be B×K×{d}; got {got}.")
         if not bool(self.candidate_embeds.abs().sum() > 0):
             raise ValueError(
@@ -213,7 +223,11 @@ def degradation_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict:
     if p.shape != t.shape:
         raise ValueError(f"`predicted` and `target` differ in shape: {tuple(p.shape)} vs {tuple(t.shape)}.")
     n_classes = vocabulary.NUM_BINS + 1
-    out: dict = {"n": int(t.shape[0]), "classes": ["none"] + [f"bin{b}" for b in range(vocabulary.NUM_BINS)], "types": {}}
+    out: dict = {
+        "n": int(t.shape[0]),
+        "classes": ["none"] + [f"bin{b}" for b in range(vocabulary.NUM_BINS)],
+        "types": {},
+    }
     for i, name in enumerate(vocabulary.TYPE_NAMES):
         pi, ti = p[:, i], t[:, i]
         conf = torch.bincount(ti * n_classes + pi, minlength=n_classes**2).view(n_classes, n_classes)
@@ -236,6 +250,12 @@ def degradation_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict:
             "majority_detection_accuracy": float(max(int(td.sum()), int((~td).sum()))) / max(1, int(t.shape[0])),
             "confusion": conf.tolist(),
         }
-    keys = ("detection_accuracy", "detection_f1", "bin_accuracy", "majority_bin_accuracy", "majority_detection_accuracy")
+    keys = (
+        "detection_accuracy",
+        "detection_f1",
+        "bin_accuracy",
+        "majority_bin_accuracy",
+        "majority_detection_accuracy",
+    )
     out["mean"] = {k: sum(v[k] for v in out["types"].values()) / vocabulary.NUM_TYPES for k in keys}
     return out

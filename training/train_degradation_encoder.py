@@ -1,0 +1,428 @@
+"""Train the degradation encoder's controller and the restoration prompt decoder (Accelerate).
+
+HR crops from image folders are degraded on the fly (second-order synthesis with labels and prompt text).
+Losses, as in DA-CLIP plus DaLPSR's decoder:
+- InfoNCE between the controller's degradation embedding and the CLIP text embedding of the image's
+  degradation prompt (images sharing a prompt are all positives);
+- BCE between the prompt decoder's per-(type, bin) logits and the multi-hot labels;
+- InfoNCE between the content embedding and the caption of the source image, when a caption cache
+  (`dalpsr caption` output, keyed by path relative to the training folder) is given.
+The open_clip model stays frozen; the controller, zero modules, token head, logit scale and decoder train.
+
+    accelerate launch training/train_degradation_encoder.py --model_config degradation_encoder_tiny.json \
+        --train_data_dir HR_DIR --validation_data_dir VAL_DIR --output_dir out/degradation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+logger = logging.getLogger(__name__)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model_config",
+        default="degradation_encoder_tiny.json",
+        help="JSON with encoder/decoder/data sections: a path, or a file name in dalpsr.configs",
+    )
+    p.add_argument("--pretrained_open_clip", default=None, help="open_clip checkpoint file or tag for the frozen model")
+    p.add_argument(
+        "--daclip_checkpoint", default=None, help="start from a DA-CLIP checkpoint (e.g. daclip_ViT-B-32.pt)"
+    )
+    p.add_argument("--train_data_dir", nargs="+", required=True, help="folder(s) of HR images")
+    p.add_argument("--validation_data_dir", default=None, help="folder of HR images for validation")
+    p.add_argument("--caption_cache", default=None, help="caption cache of the training images (enables content loss)")
+    p.add_argument("--caption_model_id", default=None, help="only use captions from this captioning model")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hr_size", type=int, default=None, help="HR crop size (default: config data.hr_size)")
+    p.add_argument("--scale", type=int, default=None, help="SR scale (default: config data.scale)")
+    p.add_argument("--degradation", default=None, help="degradation preset (default: config data.degradation)")
+    p.add_argument("--crops_per_image", type=int, default=8, help="random crops per image per epoch")
+    p.add_argument("--recursive", action="store_true", help="include sub-folders of the data folders")
+    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--lr_scheduler", default="cosine", help="diffusers scheduler name (constant, cosine, ...)")
+    p.add_argument("--lr_warmup_steps", type=int, default=50)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.98)
+    p.add_argument("--adam_weight_decay", type=float, default=0.05)
+    p.add_argument("--adam_epsilon", type=float, default=1e-6)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--bce_weight", type=float, default=1.0)
+    p.add_argument("--degradation_contrastive_weight", type=float, default=1.0)
+    p.add_argument("--content_contrastive_weight", type=float, default=1.0)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder or "latest"')
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--validation_samples", type=int, default=200)
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
+    args = p.parse_args(input_args)
+    for name in (
+        "max_train_steps",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "validation_samples",
+        "crops_per_image",
+        "logging_steps",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1; got {getattr(args, name)}.")
+    if args.pretrained_open_clip and args.daclip_checkpoint:
+        raise ValueError("Give at most one of `--pretrained_open_clip` and `--daclip_checkpoint`.")
+    return args
+
+
+def load_model_config(name_or_path: str) -> dict:
+    """A model config from a path, or by file name from the configs shipped as `dalpsr.configs`."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        from importlib.resources import files
+
+        shipped = Path(str(files("dalpsr.configs") / name_or_path))
+        if not shipped.is_file():
+            raise FileNotFoundError(
+                f"`--model_config` {name_or_path!r} is neither a file nor a config in dalpsr.configs."
+            )
+        path = shipped
+    cfg = json.loads(path.read_text())
+    unknown = set(cfg) - {"encoder", "decoder", "data"}
+    if unknown or "encoder" not in cfg or "decoder" not in cfg:
+        raise ValueError(
+            f"`--model_config` {path} needs 'encoder' and 'decoder' (and optional 'data') sections; got {sorted(cfg)}."
+        )
+    return cfg
+
+
+class SourcedCrops(Dataset):
+    """HRFolderPairs items plus "source": the image path relative to its folder (the caption cache key)."""
+
+    def __init__(self, pairs) -> None:
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pairs.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.pairs[index]
+        item["source"] = self.pairs.paths[index // self.pairs.crops_per_image].relative_to(self.pairs.root).as_posix()
+        return item
+
+
+class EpochPermutation(Sampler):
+    """A fresh permutation per epoch from (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+def multi_positive_infonce(image_embeds: torch.Tensor, texts: list[str], text_embeds: dict, scale: torch.Tensor):
+    """Symmetric InfoNCE where every image whose text is identical is a positive.
+
+    Args:
+        image_embeds: B×D (normalised here).
+        texts: B strings; identical strings share one text embedding.
+        text_embeds: {text: normalised D embedding} holding every text of the batch.
+        scale: logit scale (already exponentiated).
+    """
+    unique = sorted(set(texts))
+    targets = torch.tensor([unique.index(t) for t in texts], device=image_embeds.device)
+    txt = torch.stack([text_embeds[t] for t in unique]).to(image_embeds.device, image_embeds.dtype)
+    logits = scale * F.normalize(image_embeds, dim=-1) @ txt.t()  # B×U
+    loss_i2t = F.cross_entropy(logits, targets)
+    positives = F.one_hot(targets, len(unique)).t().float()  # U×B
+    loss_t2i = -(positives / positives.sum(1, keepdim=True) * logits.t().log_softmax(-1)).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def main(args: argparse.Namespace) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    from dalpsr.cli_degradation import (
+        DATA_FILE,
+        DECODER_SUBFOLDER,
+        ENCODER_SUBFOLDER,
+        evaluate_degradation,
+        usable_images,
+    )
+    from dalpsr.data.pairs import HRFolderPairs
+    from dalpsr.image_io import atomic_write_bytes
+    from dalpsr.models.degradation_encoder import DegradationEncoder
+    from dalpsr.models.prompt_decoder import RestorationPromptDecoder
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(args.seed)
+    cfg = load_model_config(args.model_config)
+    data_cfg = cfg.get("data", {})
+    hr_size = args.hr_size or data_cfg.get("hr_size", 256)
+    scale = args.scale or data_cfg.get("scale", 4)
+    degradation = args.degradation or data_cfg.get("degradation", "realesrgan")
+
+    if args.daclip_checkpoint:
+        encoder = DegradationEncoder.from_daclip(
+            args.daclip_checkpoint,
+            model=cfg["encoder"]["clip_model"],
+            **{k: v for k, v in cfg["encoder"].items() if k != "clip_model"},
+        )
+    elif args.pretrained_open_clip:
+        encoder = DegradationEncoder.from_open_clip(
+            cfg["encoder"]["clip_model"],
+            args.pretrained_open_clip,
+            **{k: v for k, v in cfg["encoder"].items() if k != "clip_model"},
+        )
+    else:
+        encoder = DegradationEncoder(**cfg["encoder"])
+    encoder.freeze_clip()
+    decoder = RestorationPromptDecoder(**cfg["decoder"])
+    if decoder.config.embed_dim != encoder.embed_dim:
+        raise ValueError(f"decoder embed_dim {decoder.config.embed_dim} != encoder embedding size {encoder.embed_dim}.")
+    decoder.encode_candidates(encoder)
+
+    parts = []
+    for root in args.train_data_dir:
+        pairs = HRFolderPairs(
+            root,
+            size=hr_size,
+            scale=scale,
+            config=degradation,
+            crops_per_image=args.crops_per_image,
+            seed=args.seed,
+            recursive=args.recursive,
+        )
+        pairs.paths, skipped = usable_images(pairs.paths, hr_size)
+        for path, reason in skipped:
+            logger.warning(f"skipping {path}: {reason}")
+        if pairs.paths:
+            parts.append(SourcedCrops(pairs))
+    if not parts:
+        raise ValueError(f"`--train_data_dir` {args.train_data_dir} has no image of at least {hr_size} pixels.")
+    dataset = ConcatDataset(parts)
+    sampler = EpochPermutation(len(dataset), args.seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    captions = {}
+    if args.caption_cache:
+        from dalpsr.captioning import load_captions
+
+        captions = load_captions(args.caption_cache, key="path", model_id=args.caption_model_id)
+        logger.info(f"{len(captions)} captions from {args.caption_cache}")
+
+    params = encoder.trainable_parameters() + list(decoder.parameters())
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    encoder, decoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+        encoder, decoder, optimizer, loader, lr_scheduler
+    )
+    enc = accelerator.unwrap_model(encoder)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("degradation_encoder", config={k: str(v) for k, v in vars(args).items()})
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(output_dir / "train_args.json", (json.dumps(vars(args), indent=2) + "\n").encode())
+
+    global_step, first_epoch, resume_step = 0, 0, 0
+    if args.resume_from_checkpoint:
+        if args.resume_from_checkpoint == "latest":
+            found = sorted(
+                (d for d in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
+                key=lambda d: int(d.name.split("-")[1]),
+            )
+            path = found[-1] if found else None
+        else:
+            path = Path(args.resume_from_checkpoint)
+            if not path.is_dir():
+                raise FileNotFoundError(f"`--resume_from_checkpoint` {path} is not a folder.")
+        if path is None:
+            logger.info("No checkpoint to resume from; starting a new run.")
+        else:
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            logger.info(f"Resumed from {path} at step {global_step}")
+
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def text_embeds(texts: list[str]) -> dict[str, torch.Tensor]:
+        new = sorted({t for t in texts if t not in text_cache})
+        if new:
+            with torch.no_grad():
+                for text, emb in zip(new, enc.encode_text(new, normalize=True)):
+                    text_cache[text] = emb.float()
+        return text_cache
+
+    def validate(step: int) -> None:
+        if not args.validation_data_dir or not accelerator.is_main_process:
+            return
+        encoder.eval()
+        decoder.eval()
+        metrics = evaluate_degradation(
+            enc,
+            accelerator.unwrap_model(decoder),
+            args.validation_data_dir,
+            n=args.validation_samples,
+            seed=args.seed + 1,
+            crop_size=hr_size,
+            scale=scale,
+            degradation=degradation,
+            batch_size=args.train_batch_size,
+            recursive=args.recursive,
+        )
+        encoder.train()
+        decoder.train()
+        atomic_write_bytes(
+            output_dir / "validation" / f"step-{step}.json", (json.dumps(metrics, indent=2) + "\n").encode()
+        )
+        log = {f"val/{name}_bin_acc": m["bin_accuracy"] for name, m in metrics["types"].items()}
+        log.update({f"val/mean_{k}": v for k, v in metrics["mean"].items()})
+        accelerator.log(log, step=step)
+        logger.info(f"validation step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in log.items()))
+
+    encoder.train()
+    decoder.train()
+    done = global_step >= args.max_train_steps
+    for epoch in range(first_epoch, num_epochs):
+        if done:
+            break
+        for part in parts:
+            part.set_epoch(epoch)
+        epoch_loader = loader
+        if epoch == first_epoch and resume_step:
+            from accelerate import skip_first_batches
+
+            epoch_loader = skip_first_batches(loader, resume_step)
+        # accelerate re-seeds the sampler from the loader's own counter on each pass: pin it to the epoch
+        epoch_loader.set_epoch(epoch)
+        for batch in epoch_loader:
+            with accelerator.accumulate(encoder, decoder):
+                features = encoder(enc.preprocess(batch["lr"]))
+                scale_exp = enc.logit_scale.exp().clamp(max=100.0)
+                prompts = list(batch["prompt"])
+                loss_deg = multi_positive_infonce(features.degradation_embeds, prompts, text_embeds(prompts), scale_exp)
+                logits = decoder(features.degradation_tokens)
+                loss_bce = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float())
+                loss = args.degradation_contrastive_weight * loss_deg + args.bce_weight * loss_bce
+                with_caption = [i for i, s in enumerate(batch["source"]) if s in captions]
+                loss_content = torch.zeros((), device=loss.device)
+                if len(with_caption) > 1:
+                    texts = [captions[batch["source"][i]] for i in with_caption]
+                    loss_content = multi_positive_infonce(
+                        features.content_embeds[with_caption], texts, text_embeds(texts), scale_exp
+                    )
+                    loss = loss + args.content_contrastive_weight * loss_content
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            logs = {
+                "loss": loss.item(),
+                "loss_bce": loss_bce.item(),
+                "loss_degradation": loss_deg.item(),
+                "loss_content": loss_content.item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+            }
+            accelerator.log(logs, step=global_step)
+            if global_step % args.logging_steps == 0:
+                logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+            if global_step % args.validation_steps == 0:
+                validate(global_step)
+            if global_step >= args.max_train_steps:
+                done = True
+                break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(encoder).save_pretrained(output_dir / ENCODER_SUBFOLDER)
+        accelerator.unwrap_model(decoder).save_pretrained(output_dir / DECODER_SUBFOLDER)
+        data = {"hr_size": hr_size, "scale": scale, "degradation": degradation}
+        atomic_write_bytes(output_dir / DATA_FILE, (json.dumps(data, indent=2) + "\n").encode())
+        if global_step % args.validation_steps:
+            validate(global_step)
+    accelerator.end_training()
+    return output_dir
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
+    """Save `checkpoint-{step}`, first removing the oldest ones beyond `total_limit`."""
+    if total_limit is not None:
+        existing = sorted(
+            (d for d in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
+            key=lambda d: int(d.name.split("-")[1]),
+        )
+        for old in existing[: max(0, len(existing) - total_limit + 1)]:
+            shutil.rmtree(old)
+    path = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    logger.info(f"saved {path}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main(parse_args())
