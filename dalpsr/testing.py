@@ -366,3 +366,23 @@ def get_dummy_seesr_components(seed: int = 0, scheduler: str = "ddpm") -> dict:
             components[name] = model
     components["image_encoder"] = get_dummy_image_encoder(seed + 6)
     return components
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def get_dummy_degradation_models(seed: int = 0):
+    """A tiny random `DegradationEncoder` (open_clip ViT, 32 px) and a `RestorationPromptDecoder` whose candidate
+    prompt embeddings come from that encoder's text tower: the shared feature stack at toy size."""
+    from dalpsr.models.degradation_encoder import DegradationEncoder
+    from dalpsr.models.prompt_decoder import RestorationPromptDecoder
+
+    torch.manual_seed(seed)
+    encoder = DegradationEncoder(clip_model=TINY_OPEN_CLIP, num_degradation_tokens=4, resize_mode="crop").eval()
+    decoder = RestorationPromptDecoder(embed_dim=32, hidden_dim=32, num_layers=1, num_heads=2).eval()
+    decoder.encode_candidates(encoder)
+    return encoder, decoder

@@ -412,6 +412,22 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         cond = F.pad(up, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else up
         return up.to(dtype), cond.to(dtype)
 
+    def encode_degradation(self, images: list[RGBImage], device):
+        """One pass of the shared feature stack (`degradation_encoder`) over same-size LR images.
+
+        Returns its `DegradationFeatures` (content / degradation embeddings, degradation tokens, hidden states),
+        which the prompt decoder and the restorer consume.
+        """
+        if self.degradation_encoder is None:
+            raise ValueError(
+                "`degradation_encoder` is None but the prompt decoder needs its features; pass a DegradationEncoder "
+                "component or give `degradation_prompt` explicitly."
+            )
+        encoder = self.degradation_encoder
+        lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=torch.float32)
+        pixel_values = encoder.preprocess(lr).to(device=device, dtype=encoder.dtype)
+        return encoder(pixel_values)
+
     def _vae_encode(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
         # x: B×3×H×W in [-1, 1] → scaled latents (distribution mode: deterministic).
         def encode(t: torch.Tensor) -> torch.Tensor:
@@ -731,6 +747,14 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         out_h, out_w = upsampled.shape[-2:]
 
         # 3. Prompts: content (caller / caption / default), degradation (caller / decoder / empty).
+        degradations = None
+        if any(d is None for d in degradation_prompts) and self.prompt_decoder is not None:
+            features = self.encode_degradation(images, device)
+            prediction = self.prompt_decoder.decode(features)
+            degradations = [prediction.report(i) for i in range(batch)]
+            degradation_prompts = [
+                given if given is not None else prediction.prompts[i] for i, given in enumerate(degradation_prompts)
+            ]
         if any(p is None for p in prompts) and self.captioner is not None:
             from dalpsr.captioning import fit_to_token_budget
 
@@ -855,7 +879,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             "negative_prompts": negative_prompts,
             "unet_prompts": unet_texts,
             "controlnet_prompts": cn_texts,
-            "degradations": None,
+            "degradations": degradations,
         }
         if output_type == "latent":
             return {"images": lat, **record}

@@ -79,6 +79,17 @@ class RAMImageEncoder(ModelMixin, ConfigMixin):
         )
         self.image_proj = nn.Linear(self.visual_encoder.num_features, projection_dim)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> RAMImageEncoder:
+        """diffusers' `from_pretrained`, always with `low_cpu_mem_usage=False`.
+
+        timm's Swin computes its attention masks and relative-position indices as non-persistent buffers in
+        `__init__`; an empty-weights (meta) init would leave them unset, as no checkpoint holds them.
+        """
+        kwargs["low_cpu_mem_usage"] = False
+        kwargs.pop("device_map", None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def num_tokens(self) -> int:
         """Output tokens per image: the final Swin grid plus the mean token (145 for RAM)."""
