@@ -28,60 +28,17 @@ import torch
 
 
 def bench_components(sd2: bool, seed: int = 0, real_vae: bool = False) -> dict:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from dalpsr import build_lr_controlnet
-    from dalpsr.testing import get_dummy_tokenizer
+    from dalpsr.configs import build_sd2_base_components, load_sd2_base_config
+    from dalpsr.testing import get_dummy_components
 
     if sd2:
-        from dalpsr.configs import build_sd2_base_components
-
         return build_sd2_base_components()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=64,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        norm_num_groups=16,
-    )
+    components = get_dummy_components(seed, vae_scale_factor=8, unet_sample_size=64)
     if real_vae:
-        from dalpsr.configs import load_sd2_base_config
+        from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_config(load_sd2_base_config("vae"))
-    else:
-        vae = AutoencoderKL(
-            block_out_channels=(16, 16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=16,
-            layers_per_block=1,
-        )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            projection_dim=32,
-        )
-    ).eval()
-    return {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": get_dummy_tokenizer(),
-        "unet": unet,
-        "controlnet": build_lr_controlnet(unet, 8),
-        "scheduler": DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
-    }
+        components["vae"] = AutoencoderKL.from_config(load_sd2_base_config("vae"))
+    return components
 
 
 def speed(rounds: int, steps: int, sd2: bool, device: str) -> None:

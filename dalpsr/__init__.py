@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_image": "dalpsr.image_io",
     "to_rgb_images": "dalpsr.image_io",
     "DAT": "dalpsr.models.dat",
+    "DATRestorer": "dalpsr.models.fusion",
     "RAMImageEncoder": "dalpsr.models.ram_encoder",
     "SeeSRUNet2DConditionModel": "dalpsr.models.image_attention",
     "SeeSRControlNetModel": "dalpsr.models.image_attention",

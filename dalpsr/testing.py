@@ -42,12 +42,17 @@ def get_dummy_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=dict(vocab), merges=pairs, pad_token="!", model_max_length=model_max_length)
 
 
-def get_dummy_components(seed: int = 0, scheduler: str = "ddim") -> dict:
+def get_dummy_components(
+    seed: int = 0, scheduler: str = "ddim", vae_scale_factor: int = 2, unet_sample_size: int = 32
+) -> dict:
     """Tiny random components for `DaLPSRPipeline(**components)`: an SD2-shaped model at toy size.
 
-    The VAE downsamples by 2, the UNet has two levels (pixel multiple 4), text width 32; the LR ControlNet is
-    made from the UNet as in `DaLPSRPipeline.from_sd2`.
+    By default the VAE downsamples by 2 and the UNet has two levels (pixel multiple 4, native tile 64 px), text
+    width 32; the LR ControlNet is made from the UNet as in `DaLPSRPipeline.from_sd2`. `vae_scale_factor=8` and
+    `unet_sample_size=64` give SD2-base's factor and 512-px native tile at toy width (for benchmarks).
     """
+    if vae_scale_factor not in (2, 4, 8):
+        raise ValueError(f"`vae_scale_factor` must be 2, 4 or 8; got {vae_scale_factor!r}.")
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -66,7 +71,7 @@ def get_dummy_components(seed: int = 0, scheduler: str = "ddim") -> dict:
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=1,
-        sample_size=32,
+        sample_size=unet_sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -77,12 +82,13 @@ def get_dummy_components(seed: int = 0, scheduler: str = "ddim") -> dict:
         norm_num_groups=16,
     )
     torch.manual_seed(seed + 1)
+    vae_levels = vae_scale_factor.bit_length()  # 2 → 2 levels, 4 → 3, 8 → 4
     vae = AutoencoderKL(
-        block_out_channels=(16, 32),
+        block_out_channels=(16,) + (32,) * (vae_levels - 1),
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
         latent_channels=4,
         norm_num_groups=16,
         sample_size=32,
@@ -104,7 +110,7 @@ def get_dummy_components(seed: int = 0, scheduler: str = "ddim") -> dict:
         )
     ).eval()
     torch.manual_seed(seed + 3)
-    controlnet = build_lr_controlnet(unet, vae_scale_factor=2)
+    controlnet = build_lr_controlnet(unet, vae_scale_factor=vae_scale_factor)
     # A fresh ControlNet has zero output convolutions; give them small random weights so the LR branch
     # actually changes the result in tests.
     generator = torch.Generator().manual_seed(seed + 4)

@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report_to", default="none", help='"none", "tensorboard", "wandb", "all", ... (accelerate).')
     g.add_argument("--logging_dir", default="logs", help="tracker folder, relative to --output_dir.")
     g = p.add_argument_group("validation")
-    g.add_argument("--validation_image", nargs="+", default=None, help="LR images to super-resolve.")
+    g.add_argument(
+        "--validation_image", nargs="*", default=None, help="LR images to super-resolve (none: no validation)."
+    )
     g.add_argument("--validation_prompt", default=None, help="content prompt for the validation images.")
     g.add_argument("--validation_degradation_prompt", default=None, help="degradation prompt for them.")
     g.add_argument("--validation_steps", type=int, default=500, help="validate every this many steps.")
@@ -188,9 +190,9 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
             if not isinstance(value, bool):
                 raise _config_value_error(path, key, "true or false", value)
             continue
-        values = value if action.nargs == "+" else [value]
-        if action.nargs == "+" and not (isinstance(value, list) and value):
-            raise _config_value_error(path, key, "a non-empty list", value)
+        values = value if action.nargs == "*" else [value]
+        if action.nargs == "*" and not isinstance(value, list):
+            raise _config_value_error(path, key, "a list", value)
         for v in values:
             if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
                 raise _config_value_error(path, key, "an integer", v)

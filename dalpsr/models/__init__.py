@@ -1,6 +1,13 @@
 """Model classes, each `ModelMixin` + `ConfigMixin` so `save_pretrained` / `from_pretrained` round-trip them."""
 
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
+from dalpsr.models.fusion import DATRestorer
 from dalpsr.models.prompt_decoder import DegradationPrediction, RestorationPromptDecoder
 
-__all__ = ["DegradationEncoder", "DegradationFeatures", "DegradationPrediction", "RestorationPromptDecoder"]
+__all__ = [
+    "DATRestorer",
+    "DegradationEncoder",
+    "DegradationFeatures",
+    "DegradationPrediction",
+    "RestorationPromptDecoder",
+]

@@ -1,0 +1,468 @@
+"""Degradation-feature fusion for DAT: `FusionBlock` and the `DATRestorer` regression SR model.
+
+Adapted from SRCLIP's RealDAT (Bao et al., DePLSR, github.com/XuBao12/DePLSR:
+`basicsr/archs/dat_arch.py` `RealDAT`, `basicsr/archs/fusion_blocks.py` `FusionBlock`). As there:
+- one fusion block before each residual group of DAT (or before the groups listed in `fusion_layers`);
+- the CLIP content embedding (1 token) and the fine-grained degradation tokens (K tokens) are L2-normalised
+  and mapped to DAT's width by ONE shared `Linear(D, C) → ReLU → Linear(C, C) → ReLU`;
+- in a block, the content token and the degradation tokens each cross-attend to the image tokens, every
+  (content, degradation) pair is concatenated into a 2C key/value token, the image tokens cross-attend to
+  those pairs, then an MLP; the updated content/degradation tokens feed the next block.
+
+What differs:
+- The content/degradation tokens keep a residual connection around their attention to the image (RealDAT
+  replaces them by the attention output, so after the first block the encoder's features reach the image
+  tokens only through attention weights).
+- Both residual branches add to the un-normalised image tokens (RealDAT adds them to the normalised ones)
+  and their output layers start at zero, so a fresh block is the identity and `DATRestorer.from_dat`
+  reproduces the plain DAT it was built from exactly, until fine-tuned.
+- The features come from one pass of the shared `DegradationEncoder` (any embedding width D, any K); the
+  LR is brought to the encoder's resolution by the encoder's own `preprocess` (RealDAT stretches it
+  bilinearly to 224²), so the prompt decoder and the restorer can share that pass.
+- The DAT is `dalpsr.models.dat.DAT` under `dat.` (official key names), driven through its `pre_group`
+  hook; attention uses `F.scaled_dot_product_attention`; separate q/k/v projections.
+- Tiled inference computes the conditioning once on the whole image and reuses it for every tile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import Tensor, nn
+
+from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, tiled_forward
+from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
+
+RESTORER_SUBFOLDER = "restorer"
+ENCODER_SUBFOLDER = "degradation_encoder"
+_DAT_ARGS = (
+    "img_size",
+    "in_chans",
+    "embed_dim",
+    "split_size",
+    "depth",
+    "num_heads",
+    "expansion_factor",
+    "qkv_bias",
+    "qk_scale",
+    "drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "use_chk",
+    "upscale",
+    "img_range",
+    "resi_connection",
+    "upsampler",
+)
+
+
+class FeatureProjection(nn.Sequential):
+    """The shared `Linear(D, C) → ReLU → Linear(C, C) → ReLU` map from encoder width D to DAT width C."""
+
+    def __init__(self, context_dim: int, dim: int):
+        super().__init__(nn.Linear(context_dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+
+
+class FusionAttention(nn.Module):
+    """Multi-head cross-attention: `queries` (B, Nq, q_dim) attend to `context` (B, Nk, kv_dim).
+
+    Args:
+        q_dim: query token width.
+        kv_dim: context token width.
+        inner_dim: query/key width (split over the heads).
+        out_dim: value and output width (split over the heads).
+        num_heads: heads.
+        qkv_bias: bias in the q/k/v projections.
+        attn_drop: attention dropout.
+        proj_drop: output dropout.
+    """
+
+    def __init__(
+        self,
+        q_dim: int,
+        kv_dim: int,
+        inner_dim: int,
+        out_dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.to_q = nn.Linear(q_dim, inner_dim, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner_dim, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, out_dim, bias=qkv_bias)
+        self.to_out = nn.Linear(out_dim, out_dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, queries: Tensor, context: Tensor) -> Tensor:
+        b, nq, _ = queries.shape
+        nk = context.shape[1]
+        h = self.num_heads
+        q = self.to_q(queries).view(b, nq, h, -1).transpose(1, 2)  # B, h, Nq, d
+        k = self.to_k(context).view(b, nk, h, -1).transpose(1, 2)  # B, h, Nk, d
+        v = self.to_v(context).view(b, nk, h, -1).transpose(1, 2)  # B, h, Nk, dv
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, nq, -1)  # B, Nq, out_dim
+        return self.proj_drop(self.to_out(out))
+
+
+class FusionBlock(nn.Module):
+    """Image tokens fuse the content token(s) and the degradation tokens (RealDAT fusion block, zero-init).
+
+    Args:
+        dim: token width C (DAT's `embed_dim`).
+        num_heads: heads of all three attentions.
+        attn_ratio: query/key width of the image→pairs attention, as a fraction of C.
+        mlp_ratio: MLP hidden width / C.
+        qkv_bias: bias in the q/k/v projections.
+        drop: dropout after projections.
+        attn_drop: attention dropout.
+        drop_path: stochastic depth of both residual branches.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 6,
+        attn_ratio: float = 1.0,
+        mlp_ratio: float = 1.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_content = nn.LayerNorm(dim)
+        self.norm_degradation = nn.LayerNorm(dim)
+        self.content_attn = FusionAttention(dim, dim, dim, dim, num_heads, qkv_bias, attn_drop, drop)
+        self.degradation_attn = FusionAttention(dim, dim, dim, dim, num_heads, qkv_bias, attn_drop, drop)
+        self.fuse_attn = FusionAttention(dim, 2 * dim, int(dim * attn_ratio), dim, num_heads, qkv_bias, attn_drop, drop)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(drop), nn.Linear(hidden, dim))
+        self.drop_path = _DropPath(drop_path)
+        self.reset_output()
+
+    @torch.no_grad()
+    def reset_output(self) -> None:
+        """Zero both residual branches' output layers: the block becomes the identity on the image tokens."""
+        for layer in (self.fuse_attn.to_out, self.mlp[-1]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor, content: Tensor, degradation: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, C), content (B, Ni, C), degradation (B, Nd, C) -> (x, content, degradation) for the next block."""
+        xn = self.norm_x(x)
+        content = content + self.content_attn(self.norm_content(content), xn)  # B, Ni, C
+        degradation = degradation + self.degradation_attn(self.norm_degradation(degradation), xn)  # B, Nd, C
+        ni, nd = content.shape[1], degradation.shape[1]
+        pairs = torch.cat(
+            [content[:, :, None].expand(-1, -1, nd, -1), degradation[:, None].expand(-1, ni, -1, -1)], dim=-1
+        ).flatten(1, 2)  # B, Ni*Nd, 2C
+        x = x + self.drop_path(self.fuse_attn(xn, pairs))
+        x = x + self.drop_path(self.mlp(self.norm_mlp(x)))
+        return x, content, degradation
+
+
+class DATRestorer(ModelMixin, ConfigMixin):
+    """DAT with degradation-feature fusion blocks before its residual groups (SRCLIP RealDAT style).
+
+    Input and output: images in [0, 1], (B, 3, H, W) -> (B, 3, H*scale, W*scale) (not clamped). The
+    conditioning is a `DegradationFeatures` from one `DegradationEncoder` pass over the same LR images:
+    its `content_embeds` (B×D) and `degradation_tokens` (B×K×D).
+
+    Args:
+        dat_config: `DAT` constructor arguments; None: DAT-light ×4 (`DAT.preset_config("dat_light", 4)`).
+        context_dim: D, the encoder's embedding width.
+        fusion_layers: residual groups that get a fusion block before them; None: all; []: none (plain DAT).
+        fusion_num_heads: heads of the fusion attentions (must divide `embed_dim` and its `attn_ratio` part).
+        fusion_mlp_ratio: fusion MLP hidden width / `embed_dim`.
+        fusion_attn_ratio: query/key width of the image→pairs attention / `embed_dim`.
+        fusion_drop_rate: dropout in the fusion blocks.
+        fusion_attn_drop_rate: attention dropout in the fusion blocks.
+        fusion_drop_path_rate: stochastic depth of the fusion blocks.
+        normalize_features: L2-normalise the content embedding and degradation tokens first (as RealDAT).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        dat_config: dict | None = None,
+        context_dim: int = 512,
+        fusion_layers: Sequence[int] | None = None,
+        fusion_num_heads: int = 6,
+        fusion_mlp_ratio: float = 1.0,
+        fusion_attn_ratio: float = 1.0,
+        fusion_drop_rate: float = 0.0,
+        fusion_attn_drop_rate: float = 0.0,
+        fusion_drop_path_rate: float = 0.0,
+        normalize_features: bool = True,
+    ):
+        super().__init__()
+        if dat_config is None:
+            dat_config = DAT.preset_config("dat_light", 4)
+        if not isinstance(dat_config, dict):
+            raise TypeError(f"`dat_config` must be a dict of DAT arguments or None; got {type(dat_config).__name__}.")
+        unknown = sorted(set(dat_config) - set(_DAT_ARGS))
+        if unknown:
+            raise ValueError(f"`dat_config` has unknown DAT arguments {unknown}; allowed: {list(_DAT_ARGS)}.")
+        if not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"`context_dim` must be a positive int; got {context_dim!r}.")
+        self.dat = DAT(**dat_config)
+        dim, groups = self.dat.config.embed_dim, len(self.dat.layers)
+        layers = list(range(groups)) if fusion_layers is None else list(fusion_layers)
+        if any(not isinstance(i, int) or not 0 <= i < groups for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(
+                f"`fusion_layers` must be distinct residual-group indices in [0, {groups}); got {fusion_layers!r}."
+            )
+        inner = int(dim * fusion_attn_ratio)
+        if fusion_num_heads < 1 or dim % fusion_num_heads or inner < 1 or inner % fusion_num_heads:
+            raise ValueError(
+                f"`fusion_num_heads`={fusion_num_heads} must divide embed_dim={dim} and "
+                f"embed_dim*fusion_attn_ratio={inner}."
+            )
+        self.fusion_groups = sorted(layers)
+        self.feature_proj = FeatureProjection(context_dim, dim) if layers else None
+        self.fusion_blocks = nn.ModuleDict(
+            {
+                str(i): FusionBlock(
+                    dim,
+                    fusion_num_heads,
+                    fusion_attn_ratio,
+                    fusion_mlp_ratio,
+                    True,
+                    fusion_drop_rate,
+                    fusion_attn_drop_rate,
+                    fusion_drop_path_rate,
+                )
+                for i in self.fusion_groups
+            }
+        )
+
+    # ------------------------------------------------------------------------------------------- set-up
+    @classmethod
+    def from_dat(
+        cls, dat: DAT | str | os.PathLike, context_dim: int = 512, param_key: str | None = None, **kwargs
+    ) -> DATRestorer:
+        """A restorer whose DAT is `dat` (weights copied) and whose fresh fusion blocks are the identity.
+
+        Args:
+            dat: a `DAT`, an official checkpoint (`.pth` / `.safetensors`) or a converted DAT folder.
+            context_dim: the encoder's embedding width D.
+            param_key: checkpoint entry (see `dalpsr.weights.dat.read_dat_state_dict`).
+            kwargs: other `__init__` arguments (fusion settings).
+        """
+        if not isinstance(dat, DAT):
+            from dalpsr.weights.dat import load_dat_checkpoint
+
+            dat = load_dat_checkpoint(dat, param_key)
+        config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dat.config.items() if k in _DAT_ARGS}
+        restorer = cls(dat_config=config, context_dim=context_dim, **kwargs)
+        restorer.dat.load_state_dict(dat.state_dict(), strict=True)
+        return restorer
+
+    @property
+    def scale(self) -> int:
+        return self.dat.config.upscale
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether forward needs degradation features (False for a restorer without fusion blocks)."""
+        return bool(self.fusion_groups)
+
+    # ------------------------------------------------------------------------------------- conditioning
+    def project_features(self, features: DegradationFeatures, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+        """Normalised, projected (content (B, 1, C), degradation (B, K, C)) tokens; computed once per image.
+
+        Args:
+            features: output of `DegradationEncoder`.
+            batch_size: expand single-image features to this batch size (None: keep).
+        """
+        if self.feature_proj is None:
+            raise ValueError("This restorer has no fusion blocks (`fusion_layers` is empty); it takes no features.")
+        content = getattr(features, "content_embeds", None)
+        degradation = getattr(features, "degradation_tokens", None)
+        if not isinstance(content, Tensor) or not isinstance(degradation, Tensor):
+            raise TypeError(
+                f"`features` must be a DegradationFeatures with `content_embeds` and `degradation_tokens`; "
+                f"got {type(features).__name__}."
+            )
+        d = self.config.context_dim
+        if content.ndim != 2 or degradation.ndim != 3 or content.shape[-1] != d or degradation.shape[-1] != d:
+            raise ValueError(
+                f"`features` must have content_embeds B×{d} and degradation_tokens B×K×{d} (context_dim); got "
+                f"{tuple(content.shape)} and {tuple(degradation.shape)}."
+            )
+        if content.shape[0] != degradation.shape[0]:
+            raise ValueError(
+                f"`features` batch sizes differ: {content.shape[0]} content vs {degradation.shape[0]} degradation."
+            )
+        weight = self.feature_proj[0].weight
+        content = content[:, None].to(weight.device, weight.dtype)
+        degradation = degradation.to(weight.device, weight.dtype)
+        if self.config.normalize_features:
+            content, degradation = F.normalize(content, dim=-1), F.normalize(degradation, dim=-1)
+        content, degradation = self.feature_proj(content), self.feature_proj(degradation)
+        if batch_size is not None and content.shape[0] != batch_size:
+            if content.shape[0] != 1:
+                raise ValueError(f"`features` are for {content.shape[0]} images but `lr` has {batch_size}.")
+            content = content.expand(batch_size, -1, -1)
+            degradation = degradation.expand(batch_size, -1, -1)
+        return content, degradation
+
+    def _fusion_hook(self, content: Tensor, degradation: Tensor) -> PreGroupHook:
+        state = {"content": content, "degradation": degradation}
+
+        def hook(group: int, tokens: Tensor, size: tuple[int, int]) -> Tensor:
+            block = self.fusion_blocks[str(group)] if str(group) in self.fusion_blocks else None
+            if block is None:
+                return tokens
+            tokens, state["content"], state["degradation"] = block(tokens, state["content"], state["degradation"])
+            return tokens
+
+        return hook
+
+    def _conditioning(
+        self, lr: Tensor, features: DegradationFeatures | None, encoder: DegradationEncoder | None
+    ) -> tuple[Tensor, Tensor] | None:
+        if not self.needs_features:
+            return None
+        if features is None:
+            if encoder is None:
+                raise ValueError(
+                    "`features` is None and no `encoder` was given: this restorer has fusion blocks and needs "
+                    "DegradationFeatures of `lr` (pass `features=encoder(encoder.preprocess(lr))` or `encoder=`)."
+                )
+            with torch.no_grad():
+                features = encoder.encode_images(lr.float().clamp(0, 1))
+        return self.project_features(features, batch_size=lr.shape[0])
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        lr: Tensor,
+        features: DegradationFeatures | None = None,
+        encoder: DegradationEncoder | None = None,
+    ) -> Tensor:
+        """Super-resolve LR images.
+
+        Args:
+            lr: (B, 3, H, W) in [0, 1].
+            features: `DegradationFeatures` of `lr` (one encoder pass shared with other consumers), batch B or 1.
+            encoder: used to compute `features` when they are None (no gradient through it).
+
+        Returns:
+            (B, 3, H*scale, W*scale), unclamped.
+        """
+        cond = self._conditioning(lr, features, encoder)
+        return self.dat(lr, None if cond is None else self._fusion_hook(*cond))
+
+    @torch.no_grad()
+    def super_resolve(
+        self,
+        lr: Tensor,
+        features: DegradationFeatures | None = None,
+        encoder: DegradationEncoder | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int = 16,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Inference: the conditioning is computed once on the whole images, then DAT runs in overlapping tiles
+        (linear blending, see `dalpsr.models.dat.tiled_forward`), optionally under fp16/bf16 autocast.
+
+        Args:
+            lr: (B, 3, H, W) in [0, 1], on the model's device.
+            features: see `forward`.
+            encoder: see `forward`.
+            tile_size: input tile edge; None runs whole images.
+            tile_overlap: input pixels over which neighbouring tiles are blended.
+            dtype: `torch.float16` / `torch.bfloat16` autocast, None for the input dtype.
+
+        Returns:
+            (B, 3, H*scale, W*scale) in `lr`'s dtype, unclamped.
+        """
+        cond = self._conditioning(lr, features, encoder)
+        if cond is None:
+            return tiled_forward(self.dat, lr, self.scale, tile_size, tile_overlap, dtype)
+
+        def run(tile: Tensor) -> Tensor:
+            return self.dat(tile, self._fusion_hook(*cond))
+
+        return tiled_forward(run, lr, self.scale, tile_size, tile_overlap, dtype)
+
+
+def load_restorer(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[DATRestorer, DegradationEncoder | None]:
+    """Load a restorer (and the encoder its fusion blocks need) for inference, in eval mode.
+
+    `path` may be:
+    - a folder with `restorer/` (and `degradation_encoder/`): training output or a saved `DaLPSRPipeline`;
+    - a `DATRestorer` folder (`config.json` + weights), with the encoder in `degradation_encoder/` inside it
+      or beside it;
+    - a plain DAT folder (converted with `dalpsr.weights.dat`) or an official DAT checkpoint file
+      (`.pth` / `.safetensors`): wrapped as a restorer without fusion blocks.
+
+    Args:
+        path: see above.
+        device: device to move the models to.
+        dtype: weight dtype (None keeps float32).
+
+    Raises:
+        FileNotFoundError: nothing loadable at `path`, or fusion blocks without an encoder folder.
+    """
+    path = Path(path)
+    encoder_dirs: list[Path] = []
+    if path.is_file():
+        model = DATRestorer.from_dat(path, fusion_layers=[])
+    elif path.is_dir():
+        if (path / RESTORER_SUBFOLDER / "config.json").is_file():
+            encoder_dirs.append(path / ENCODER_SUBFOLDER)
+            path = path / RESTORER_SUBFOLDER
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} has no config.json nor {RESTORER_SUBFOLDER}/config.json; expected a DATRestorer or DAT folder, "
+                "training/train_dat.py output, or an official DAT checkpoint file."
+            )
+        class_name = json.loads((path / "config.json").read_text()).get("_class_name")
+        if class_name == "DAT":
+            model = DATRestorer.from_dat(DAT.from_pretrained(path), fusion_layers=[])
+        elif class_name == "DATRestorer":
+            model = DATRestorer.from_pretrained(path)
+        else:
+            raise FileNotFoundError(f"{path}/config.json describes {class_name!r}, not a DATRestorer or DAT.")
+        encoder_dirs += [path / ENCODER_SUBFOLDER, path.parent / ENCODER_SUBFOLDER]
+    else:
+        raise FileNotFoundError(f"Restorer not found: {path} is neither a folder nor a checkpoint file.")
+    encoder = None
+    if model.needs_features:
+        found = next((d for d in encoder_dirs if (d / "config.json").is_file()), None)
+        if found is None:
+            raise FileNotFoundError(
+                f"The restorer at {path} has fusion blocks and needs its degradation encoder; looked in "
+                f"{', '.join(str(d) for d in dict.fromkeys(encoder_dirs))} (no config.json)."
+            )
+        encoder = DegradationEncoder.from_pretrained(found).to(device).eval()
+        if encoder.embed_dim != model.config.context_dim:
+            raise ValueError(
+                f"The encoder at {found} has embedding width {encoder.embed_dim}, the restorer expects "
+                f"context_dim={model.config.context_dim}."
+            )
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, encoder
+
+
+__all__ = ["DATRestorer", "FeatureProjection", "FusionAttention", "FusionBlock", "load_restorer"]
