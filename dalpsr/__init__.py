@@ -1,8 +1,9 @@
 """dalpsr: real-world image super-resolution with a Stable Diffusion 2 prior, an LR ControlNet,
 degradation-aligned prompts and MLLM captions.
 
-Public names are imported on first use, so `import dalpsr` and the `dalpsr` command start fast. diffusers
-resolves saved custom components through `getattr(dalpsr, ClassName)`, which this table serves.
+Public names are imported on first use, so `import dalpsr` and the `dalpsr` command start fast. Saved pipelines
+record each custom component by its defining module (e.g. `dalpsr.models.degradation_encoder`), so those modules
+keep their class names importable at top level.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -259,3 +260,17 @@ def test_model_save_load_roundtrip(tmp_path, stock):
             model(sample, 10, text, image_encoder_hidden_states=images).sample,
         )
     assert again_cn.config.image_cross_attention_dim == TINY_IMAGE_DIM
+
+
+def test_deepcopy_keeps_hooks_on_the_copy(stock):
+    model, _ = _seesr_pair(stock)
+    clone = copy.deepcopy(model)
+    sample, text, images = _inputs()
+    with torch.no_grad():
+        before = model(sample, 10, text, image_encoder_hidden_states=images).sample
+        clone.mid_block.image_attentions[0].proj_out.weight.mul_(3)
+        after = model(sample, 10, text, image_encoder_hidden_states=images).sample
+        changed = clone(sample, 10, text, image_encoder_hidden_states=images).sample
+    assert torch.equal(before, after)
+    assert (changed - before).abs().max() > 1e-4
+    assert clone._image_states is not model._image_states

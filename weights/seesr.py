@@ -201,8 +201,8 @@ def merge_dape_lora(
         a, b = ab["A"].float(), ab["B"].float()
         if weight.shape[0] != 3 * dim or a.shape[1] != dim or a.shape[0] % 2 or b.shape != (2 * dim, a.shape[0] // 2):
             raise ValueError(
-                f"DAPE LoRA shapes for {prefix} do not fit a {tuple(weight.shape)} qkv weight: lora_A {tuple(a.shape)}, "
-                f"lora_B {tuple(b.shape)} (expected (2r, {dim}) and ({2 * dim}, r))."
+                f"DAPE LoRA shapes for {prefix} do not fit a {tuple(weight.shape)} qkv weight: lora_A "
+                f"{tuple(a.shape)}, lora_B {tuple(b.shape)} (expected (2r, {dim}) and ({2 * dim}, r))."
             )
         r = a.shape[0] // 2
         scale = lora_alpha / r
@@ -374,12 +374,13 @@ def _convert_seesr(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"convert-seesr: {err}")
         return 1
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.exists() else None))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         pipe.save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
-        shutil.move(str(tmp), output)
+        os.replace(tmp, output)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

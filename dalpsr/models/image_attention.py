@@ -32,6 +32,7 @@ import os
 from typing import Any
 
 import torch
+
 # `ModelMixin` must be a name in this module: diffusers' pipeline loader finds the load method of a saved custom
 # component by looking up the base classes (ModelMixin, ...) in the module that defines it.
 from diffusers import ControlNetModel, ModelMixin, Transformer2DModel, UNet2DConditionModel
@@ -195,8 +196,7 @@ class _ImageAttentionMixin:
         shape = tuple(image_encoder_hidden_states.shape)
         if len(shape) != 3 or shape[-1] != dim or shape[0] != sample.shape[0]:
             raise ValueError(
-                f"`image_encoder_hidden_states` must have shape (batch={sample.shape[0]}, tokens, {dim}); "
-                f"got {shape}."
+                f"`image_encoder_hidden_states` must have shape (batch={sample.shape[0]}, tokens, {dim}); got {shape}."
             )
         return image_encoder_hidden_states
 
@@ -237,9 +237,7 @@ class SeeSRUNet2DConditionModel(_ImageAttentionMixin, UNet2DConditionModel):
     @register_to_config
     def __init__(self, *args, use_image_cross_attention: bool = False, image_cross_attention_dim: int = 512, **kwargs):
         super().__init__(*args, **kwargs)
-        self._image_states = (
-            add_image_attention(self, image_cross_attention_dim) if use_image_cross_attention else None
-        )
+        self._image_states = add_image_attention(self, image_cross_attention_dim) if use_image_cross_attention else None
 
     _with_image_attention_params(__init__.__wrapped__, UNet2DConditionModel.__init__)
     __init__.__signature__ = __init__.__wrapped__.__signature__
@@ -269,9 +267,7 @@ class SeeSRControlNetModel(_ImageAttentionMixin, ControlNetModel):
     @register_to_config
     def __init__(self, *args, use_image_cross_attention: bool = False, image_cross_attention_dim: int = 512, **kwargs):
         super().__init__(*args, **kwargs)
-        self._image_states = (
-            add_image_attention(self, image_cross_attention_dim) if use_image_cross_attention else None
-        )
+        self._image_states = add_image_attention(self, image_cross_attention_dim) if use_image_cross_attention else None
 
     _with_image_attention_params(__init__.__wrapped__, ControlNetModel.__init__)
     __init__.__signature__ = __init__.__wrapped__.__signature__
