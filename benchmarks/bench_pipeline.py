@@ -83,29 +83,51 @@ def speed(rounds: int, steps: int, sd2: bool, device: str) -> None:
             output_type="pt",
         ).images
 
+    # Time spent inside the shared models, so the pipelines' own overhead (total − models) is measured too: on a
+    # busy machine the totals swing by more than that overhead.
+    in_models = [0.0]
+
+    def timing(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                in_models[0] += time.perf_counter() - t0
+
+        return wrapper
+
+    for name in ("unet", "controlnet", "text_encoder"):
+        components[name].forward = timing(components[name].forward)
+    components["vae"].decode = timing(components["vae"].decode)
+
     def timed(fn):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+        in_models[0] = 0.0
         t0 = time.perf_counter()
         out = fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return time.perf_counter() - t0, in_models[0], out
 
     timed(run_ours)
     timed(run_ref)
-    t_ours, t_ref = [], []
+    t_ours, t_ref, o_ours, o_ref = [], [], [], []
     for i in range(rounds):
         order = (run_ours, run_ref) if i % 2 == 0 else (run_ref, run_ours)
         for fn in order:
-            t, out = timed(fn)
+            t, models, _ = timed(fn)
             (t_ours if fn is run_ours else t_ref).append(t)
+            (o_ours if fn is run_ours else o_ref).append(t - models)
     max_diff = (run_ours().cpu() - run_ref().cpu()).abs().max().item()
     ratio = statistics.median(t_ours) / statistics.median(t_ref)
     print(
         f"speed  512² ×4, {steps} steps, {rounds} interleaved rounds on {device}: "
         f"ours {statistics.median(t_ours):.3f}s  diffusers ControlNet {statistics.median(t_ref):.3f}s  "
-        f"ratio {ratio:.3f} (goal ≤ 1.05); max |diff| {max_diff:.2e}"
+        f"ratio {ratio:.3f} (goal ≤ 1.05); max |diff| {max_diff:.2e}\n"
+        f"       time outside the models per call: ours {1e3 * statistics.median(o_ours):.1f} ms, "
+        f"diffusers {1e3 * statistics.median(o_ref):.1f} ms"
     )
 
 

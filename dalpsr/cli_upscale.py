@@ -55,6 +55,18 @@ def add_commands(subparsers) -> None:
         action="store_true",
         help="use tiny random components (checks an installation; the output is noise)",
     )
+    src.add_argument(
+        "--dat-model",
+        "--restorer",
+        dest="dat_model",
+        help="with --engine dat: train_dat.py output, a DATRestorer/DAT folder or an official DAT checkpoint",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["diffusion", "dat"],
+        default="diffusion",
+        help="diffusion: the DaLPSR pipeline; dat: the DAT regression restorer alone (no diffusion weights)",
+    )
     p.add_argument("--upscale", type=float, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=5.5)
@@ -160,6 +172,10 @@ def run_upscale(args) -> int:
     if not todo:
         print(f"nothing to do: {skipped} outputs already exist in {out_dir}")
         return 0
+    if args.engine == "dat":
+        from dalpsr.cli_upscale_dat import run_dat_upscale
+
+        return run_dat_upscale(args, todo, skipped, out_dir)
     try:
         source = resolve_model_source(args)
         pipe, device = load_pipeline(args, source)

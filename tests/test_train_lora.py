@@ -27,6 +27,14 @@ def _load_script():
 train_lora = _load_script()
 
 
+def train(args):
+    """`main(args)` in this process; Accelerate's state is per process, so reset it (mixed precision differs)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_lora.main(args)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     """Tiny SD2 + ControlNet folders, a folder of 5 HR images, an 8×8 LR validation image, a caption cache."""
@@ -94,7 +102,7 @@ def run_a(work):
             "--validation_guidance_scale", "1.0",
         )
     )  # fmt: skip
-    return out, train_lora.main(args)
+    return out, train(args)
 
 
 def lora_file(folder: Path) -> dict[str, torch.Tensor]:
@@ -145,7 +153,7 @@ def test_resume_from_latest_reproduces_the_uninterrupted_run(work, run_a, tmp_pa
     out_a, _ = run_a
     out_b = tmp_path / "run_b"
     shutil.copytree(out_a / "checkpoint-4", out_b / "checkpoint-4")  # as if the run had stopped after step 4
-    result = train_lora.main(train_lora.parse_args(tiny_args(work, out_b, "--resume_from_checkpoint", "latest")))
+    result = train(train_lora.parse_args(tiny_args(work, out_b, "--resume_from_checkpoint", "latest")))
     assert result["initial_global_step"] == 4 and result["global_step"] == 5 and len(result["losses"]) == 1
     a, b = lora_file(out_a), lora_file(out_b)
     assert a.keys() == b.keys()
@@ -181,7 +189,7 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(work, run_a):
     assert (folded - base).abs().max() > 1e-3
 
 
-def test_pairs_folder_pipeline_dir_and_full_controlnet(work, tmp_path):
+def test_pairs_folder_pipeline_dir_full_controlnet_and_bf16(work, tmp_path):
     from diffusers import ControlNetModel
 
     from dalpsr.degradations.cli import make_pairs
@@ -204,10 +212,14 @@ def test_pairs_folder_pipeline_dir_and_full_controlnet(work, tmp_path):
             "--learning_rate", "1e-3",
             "--text_routing", "shared",
             "--gradient_checkpointing",
+            "--mixed_precision", "bf16",
+            "--validation_image", work["val"],
+            "--validation_num_inference_steps", "1",
         ]
     )  # fmt: skip
-    result = train_lora.main(args)
+    result = train(args)
     assert result["global_step"] == 2 and all(np.isfinite(result["losses"]))
+    assert len(list((out / "validation" / "step-000002").glob("*.png"))) == 1  # fp32 ControlNet, bf16 UNet
     assert all(k.startswith("unet.") for k in lora_file(out))
     trained = ControlNetModel.from_pretrained(out / "controlnet")
     start = ControlNetModel.from_pretrained(work["controlnet"])
@@ -215,6 +227,37 @@ def test_pairs_folder_pipeline_dir_and_full_controlnet(work, tmp_path):
         n for n, p in trained.state_dict().items() if not torch.equal(p, start.state_dict()[n])
     ]  # fmt: skip
     assert changed, "full ControlNet training left every weight unchanged"
+
+
+def test_seesr_image_attention_pipeline(work, tmp_path):
+    """A pipeline with SeeSR image cross-attention: the image embeddings of the LR reach both networks."""
+    from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
+    from dalpsr.testing import get_dummy_seesr_components
+
+    pipeline_dir = tmp_path / "seesr"
+    DaLPSRPipeline(**get_dummy_seesr_components(0)).save_pretrained(pipeline_dir)
+    out = tmp_path / "out"
+    args = train_lora.parse_args(
+        [
+            "--pipeline_dir", str(pipeline_dir),
+            "--train_data_dir", work["hr"],
+            "--output_dir", str(out),
+            "--resolution", "32",
+            "--train_batch_size", "2",
+            "--max_train_steps", "1",
+            "--learning_rate", "5e-3",
+        ]
+    )  # fmt: skip
+    result = train(args)
+    assert all(np.isfinite(result["losses"]))
+    keys = lora_file(out)
+    assert any("image_attentions" in k for k in keys if k.startswith("unet."))
+    assert any("image_attentions" in k for k in keys if k.startswith("controlnet."))
+    pipe = DaLPSRPipeline.from_pretrained(pipeline_dir)
+    pipe.set_progress_bar_config(disable=True)
+    base = sr(pipe, work)
+    pipe.load_lora_weights(out / "pytorch_lora_weights.safetensors")
+    assert (sr(pipe, work) - base).abs().max() > 1e-4
 
 
 def test_text_routing_matches_the_pipeline(work):
@@ -245,6 +288,9 @@ def test_config_file_with_command_line_overrides(work, tmp_path):
     ]  # fmt: skip
     args = train_lora.parse_args([*base, "--rank", "2"])
     assert args.rank == 2 and args.learning_rate == 1e-4 and args.output_dir == str(tmp_path / "o")
+    config.write_text(json.dumps({"output_dir": "o", "random_flip": True, "validation_image": [work["val"]]}))
+    args = train_lora.parse_args([*base, "--no-random_flip", "--validation_image"])  # flags switch config values off
+    assert args.random_flip is False and args.validation_image == []
     for shipped in ("train_lora_tiny.json", "train_lora_sd2.json"):  # every key is an option of the script
         train_lora.load_config(str(ROOT / "configs" / shipped), train_lora.build_parser())
     config.write_text(json.dumps({"output_dir": "o", "rnak": 8}))
@@ -286,9 +332,16 @@ def test_missing_required_arguments(work, tmp_path):
         train_lora.parse_args(["--pretrained_model_name_or_path", work["sd2"], "--train_data_dir", work["hr"]])
     with pytest.raises(ValueError, match="`--pretrained_model_name_or_path`"):
         train_lora.parse_args(["--train_data_dir", work["hr"], "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="output convolutions are all zero"):  # a fresh LR ControlNet
+        args = train_lora.parse_args(
+            ["--pretrained_model_name_or_path", work["sd2"], "--train_data_dir", work["hr"]]
+            + ["--output_dir", str(tmp_path), "--lora_targets", "unet,controlnet"]
+        )
+        train(args)
     with pytest.raises(ValueError, match="multiple of 4 for this model"):
         args = train_lora.parse_args(
             ["--pretrained_model_name_or_path", work["sd2"], "--train_data_dir", work["hr"]]
             + ["--output_dir", str(tmp_path), "--resolution", "34", "--scale", "2"]
+            + ["--controlnet_model_name_or_path", work["controlnet"]]
         )
-        train_lora.main(args)
+        train(args)

@@ -93,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pairs_dir", default=None, help="folder written by `dalpsr make-pairs` (metadata.jsonl).")
     g.add_argument("--degradation_preset", default="realesrgan", choices=PRESETS, help="for --train_data_dir.")
     g.add_argument("--crops_per_image", type=int, default=1, help="random crops per HR image per epoch.")
-    g.add_argument("--recursive", action="store_true", help="include sub-folders of --train_data_dir.")
+    g.add_argument(
+        "--recursive",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="include sub-folders of --train_data_dir.",
+    )
     g.add_argument(
         "--caption_cache",
         default=None,
@@ -102,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--default_caption", default="", help="caption of images missing from the cache.")
     g.add_argument("--resolution", type=int, default=512, help="HR crop size in pixels.")
     g.add_argument("--scale", type=int, default=4, help="SR scale: LR crops are resolution / scale.")
-    g.add_argument("--random_flip", action="store_true", help="random horizontal flips.")
+    g.add_argument(
+        "--random_flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips."
+    )
     g.add_argument("--dataloader_num_workers", type=int, default=0)
     g = p.add_argument_group("text")
     g.add_argument("--quality_prompt", default=DEFAULT_QUALITY_PROMPT, help="words appended to the UNet text.")
@@ -118,7 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank", type=int, default=16, help="LoRA rank.")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank).")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGET_MODULES, help="comma list of module names.")
-    g.add_argument("--train_controlnet_full", action="store_true", help="train every ControlNet weight.")
+    g.add_argument(
+        "--train_controlnet_full",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="train every ControlNet weight.",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--output_dir", default=None, help="where checkpoints, validation images and weights go.")
     g.add_argument("--seed", type=int, default=0)
@@ -126,9 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_train_epochs", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=None, help="optimizer steps; overrides the epochs.")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--scale_lr", action="store_true", help="multiply the lr by batch × accumulation × processes.")
+    g.add_argument(
+        "--scale_lr",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="multiply the lr by batch × accumulation × processes.",
+    )
     g.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--lr_num_cycles", type=int, default=1, help="for cosine_with_restarts.")
@@ -139,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: accelerate's.")
-    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
-    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    g.add_argument(
+        "--allow_tf32", action=argparse.BooleanOptionalAction, default=False, help="TF32 matmuls on Ampere+ GPUs."
+    )
+    g.add_argument("--enable_xformers_memory_efficient_attention", action=argparse.BooleanOptionalAction, default=False)
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints.")
@@ -186,7 +205,7 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
         action = actions[key]
         if value is None:
             continue
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
                 raise _config_value_error(path, key, "true or false", value)
             continue
@@ -545,6 +564,12 @@ def load_lora_into(model: torch.nn.Module, path: Path) -> None:
     set_peft_model_state_dict(model, state, adapter_name="default")
 
 
+def is_blank_controlnet(controlnet: torch.nn.Module) -> bool:
+    """True when every output ("zero") convolution of the ControlNet is zero, as in a fresh `from_unet` copy."""
+    convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    return all(not c.weight.any() and (c.bias is None or not c.bias.any()) for c in convs)
+
+
 def json_args(args: argparse.Namespace) -> dict:
     """The run's arguments as a `--config`-compatible dict."""
     return {k: v for k, v in vars(args).items() if k != "config"}
@@ -603,8 +628,17 @@ def main(args: argparse.Namespace) -> dict:
             f"got {args.resolution}."
         )
     vae, text_encoder, unet, controlnet = pipe.vae, pipe.text_encoder, pipe.unet, pipe.controlnet
-    for model in (vae, text_encoder, unet, controlnet):
-        model.requires_grad_(False)
+    image_encoder = pipe.image_encoder  # SeeSR-style image cross-attention (e.g. `from_seesr` weights), else None
+    if is_blank_controlnet(controlnet) and not args.train_controlnet_full:
+        raise ValueError(
+            "The ControlNet's output convolutions are all zero (a fresh LR branch copied from the UNet): it passes no "
+            "LR information and blocks every gradient to LoRA layers inside it. Train it with "
+            "`--train_controlnet_full` (e.g. with `--lora_targets unet`) or start from a trained LR ControlNet "
+            "(`--controlnet_model_name_or_path`)."
+        )
+    for model in (vae, text_encoder, unet, controlnet, image_encoder):
+        if model is not None:
+            model.requires_grad_(False)
     targets = split_list(args.lora_targets)
     lora_alpha = args.lora_alpha if args.lora_alpha is not None else float(args.rank)
     scaling = lora_alpha / args.rank
@@ -634,8 +668,13 @@ def main(args: argparse.Namespace) -> dict:
     device = accelerator.device
     placements = ((vae, weight_dtype), (text_encoder, weight_dtype), (unet, weight_dtype))
     placements += ((controlnet, torch.float32 if args.train_controlnet_full else weight_dtype),)
+    if image_encoder is not None:
+        placements += ((image_encoder, weight_dtype),)
     for model, dtype in placements:  # a dtype cast only when needed (diffusers warns on every `.to(dtype)`)
-        model.to(device) if model.dtype == dtype else model.to(device, dtype=dtype)
+        if model.dtype == dtype:
+            model.to(device)
+        else:
+            model.to(device, dtype=dtype)
     trained = [m for m, on in ((unet, train_unet), (controlnet, train_controlnet)) if on]
     cast_training_params(trained, dtype=torch.float32)  # trainable weights stay fp32 under mixed precision
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
@@ -784,8 +823,13 @@ def main(args: argparse.Namespace) -> dict:
         else:
             out = degrade(hr, degradation, scale=args.scale, seeds=batch["seed"].tolist())
             lr, degradation_prompts = out.lr, out.prompts  # B×3×S/s×S/s
-        # The LR-branch condition exactly as the pipeline prepares it (bicubic upsampling, clamp, padding).
-        _, cond = pipe.prepare_condition([RGBImage(x) for x in lr], args.scale, device, weight_dtype)
+        # The LR-branch condition and (SeeSR weights only) the image embeddings exactly as the pipeline prepares
+        # them: `prepare_condition` (bicubic upsampling, clamp, padding) and `_image_attention_kwargs` ({} without
+        # image cross-attention).
+        lr_images = [RGBImage(x) for x in lr]
+        _, cond = pipe.prepare_condition(lr_images, args.scale, device, weight_dtype)
+        with torch.no_grad():
+            image_kwargs = pipe._image_attention_kwargs(lr_images, device, weight_dtype, do_cfg=False)
         cn_texts, unet_texts = route_prompts(
             list(batch["caption"]), degradation_prompts, args.quality_prompt, args.text_routing
         )
@@ -802,7 +846,12 @@ def main(args: argparse.Namespace) -> dict:
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with nullcontext() if train_controlnet else torch.no_grad():
             down, mid = controlnet_fwd(
-                noisy, timesteps, encoder_hidden_states=cn_embeds, controlnet_cond=cond, return_dict=False
+                noisy,
+                timesteps,
+                encoder_hidden_states=cn_embeds,
+                controlnet_cond=cond,
+                return_dict=False,
+                **image_kwargs,
             )
         pred = unet_fwd(
             noisy,
@@ -811,6 +860,7 @@ def main(args: argparse.Namespace) -> dict:
             down_block_additional_residuals=[d.to(weight_dtype) for d in down],
             mid_block_additional_residual=mid.to(weight_dtype),
             return_dict=False,
+            **image_kwargs,
         )[0]
         target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -828,33 +878,44 @@ def main(args: argparse.Namespace) -> dict:
             unet=accelerator.unwrap_model(unet_fwd),
             controlnet=accelerator.unwrap_model(controlnet_fwd),
             scheduler=pipe.scheduler,
+            image_encoder=image_encoder,
         )
         val_pipe.set_progress_bar_config(disable=True)
+        # Accelerate makes a trained (prepared) ControlNet return fp32 under mixed precision; hand its residuals
+        # to the UNet in the UNet's dtype, as `compute_loss` does (CPU autocast does not reconcile them).
+        handle = None
+        if train_controlnet and weight_dtype != torch.float32:
+
+            def residuals_to_unet_dtype(module, inputs, output):
+                down, mid = output
+                return [d.to(weight_dtype) for d in down], mid.to(weight_dtype)
+
+            handle = val_pipe.controlnet.register_forward_hook(residuals_to_unet_dtype)
         folder = output_dir / "validation" / f"step-{step:06d}"
-        for i, image in enumerate(args.validation_image):
-            with accelerator.autocast():
-                result = val_pipe(
-                    image,
-                    prompt=args.validation_prompt,
-                    degradation_prompt=args.validation_degradation_prompt,
-                    quality_prompt=args.quality_prompt,
-                    text_routing=args.text_routing,
-                    upscale=args.scale,
-                    num_inference_steps=args.validation_num_inference_steps,
-                    guidance_scale=args.validation_guidance_scale,
-                    generator=torch.Generator().manual_seed(args.seed),
-                )
-            save_image_atomic(result.images[0], folder / f"{i:02d}_{Path(image).stem}.png")
+        try:
+            for i, image in enumerate(args.validation_image):
+                with accelerator.autocast():
+                    result = val_pipe(
+                        image,
+                        prompt=args.validation_prompt,
+                        degradation_prompt=args.validation_degradation_prompt,
+                        quality_prompt=args.quality_prompt,
+                        text_routing=args.text_routing,
+                        upscale=args.scale,
+                        num_inference_steps=args.validation_num_inference_steps,
+                        guidance_scale=args.validation_guidance_scale,
+                        generator=torch.Generator().manual_seed(args.seed),
+                    )
+                save_image_atomic(result.images[0], folder / f"{i:02d}_{Path(image).stem}.png")
+        finally:
+            if handle is not None:
+                handle.remove()
         logger.info("validation images for step %d in %s", step, folder)
 
     def save_checkpoint(step: int) -> None:
         final = output_dir / f"checkpoint-{step}"
         partial = output_dir / f"checkpoint-{step}.partial"
         if accelerator.is_main_process:
-            existing = list_checkpoints(output_dir)
-            if args.checkpoints_total_limit is not None and len(existing) >= args.checkpoints_total_limit:
-                for old in existing[: len(existing) - args.checkpoints_total_limit + 1]:
-                    shutil.rmtree(old)
             shutil.rmtree(partial, ignore_errors=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))  # every process saves its RNG state
@@ -864,6 +925,9 @@ def main(args: argparse.Namespace) -> dict:
                 shutil.rmtree(final)
             partial.rename(final)
             logger.info("saved %s", final)
+            if args.checkpoints_total_limit is not None:  # pruned only once the new checkpoint is complete
+                for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                    shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
     losses: list[float] = []
@@ -924,7 +988,11 @@ def main(args: argparse.Namespace) -> dict:
         if layers:
             DaLPSRPipeline.save_lora_weights(output_dir, **layers, save_function=save_safetensors)
         if args.train_controlnet_full:
-            accelerator.unwrap_model(controlnet_fwd).save_pretrained(output_dir / "controlnet")
+            partial = output_dir / "controlnet.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            accelerator.unwrap_model(controlnet_fwd).save_pretrained(partial)
+            shutil.rmtree(output_dir / "controlnet", ignore_errors=True)
+            partial.rename(output_dir / "controlnet")
         atomic_write_bytes(output_dir / ARGS_FILE, json.dumps(json_args(args), indent=2).encode())
         validate(global_step)
         logger.info("saved the trained weights in %s", output_dir)

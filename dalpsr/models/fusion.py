@@ -26,6 +26,7 @@ What differs:
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -42,25 +43,7 @@ from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFea
 
 RESTORER_SUBFOLDER = "restorer"
 ENCODER_SUBFOLDER = "degradation_encoder"
-_DAT_ARGS = (
-    "img_size",
-    "in_chans",
-    "embed_dim",
-    "split_size",
-    "depth",
-    "num_heads",
-    "expansion_factor",
-    "qkv_bias",
-    "qk_scale",
-    "drop_rate",
-    "attn_drop_rate",
-    "drop_path_rate",
-    "use_chk",
-    "upscale",
-    "img_range",
-    "resi_connection",
-    "upsampler",
-)
+_DAT_ARGS = tuple(n for n in inspect.signature(DAT.__init__).parameters if n != "self")
 
 
 class FeatureProjection(nn.Sequential):
@@ -229,7 +212,7 @@ class DATRestorer(ModelMixin, ConfigMixin):
                 f"`fusion_layers` must be distinct residual-group indices in [0, {groups}); got {fusion_layers!r}."
             )
         inner = int(dim * fusion_attn_ratio)
-        if fusion_num_heads < 1 or dim % fusion_num_heads or inner < 1 or inner % fusion_num_heads:
+        if layers and (fusion_num_heads < 1 or dim % fusion_num_heads or inner < 1 or inner % fusion_num_heads):
             raise ValueError(
                 f"`fusion_num_heads`={fusion_num_heads} must divide embed_dim={dim} and "
                 f"embed_dim*fusion_attn_ratio={inner}."
@@ -361,7 +344,8 @@ class DATRestorer(ModelMixin, ConfigMixin):
 
         Args:
             lr: (B, 3, H, W) in [0, 1].
-            features: `DegradationFeatures` of `lr` (one encoder pass shared with other consumers), batch B or 1.
+            features: `DegradationFeatures` of `lr` (one encoder pass shared with other consumers), batch B or 1;
+                ignored when the restorer has no fusion blocks.
             encoder: used to compute `features` when they are None (no gradient through it).
 
         Returns:
@@ -434,8 +418,8 @@ def load_restorer(
             path = path / RESTORER_SUBFOLDER
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
-                f"{path} has no config.json nor {RESTORER_SUBFOLDER}/config.json; expected a DATRestorer or DAT folder, "
-                "training/train_dat.py output, or an official DAT checkpoint file."
+                f"{path} has no config.json nor {RESTORER_SUBFOLDER}/config.json; expected a DATRestorer or DAT "
+                "folder, training/train_dat.py output, or an official DAT checkpoint file."
             )
         class_name = json.loads((path / "config.json").read_text()).get("_class_name")
         if class_name == "DAT":
@@ -461,7 +445,8 @@ def load_restorer(
                 f"The encoder at {found} has embedding width {encoder.embed_dim}, the restorer expects "
                 f"context_dim={model.config.context_dim}."
             )
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
+    model.eval()
     return model, encoder
 
 
