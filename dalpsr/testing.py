@@ -392,3 +392,27 @@ def get_dummy_degradation_models(seed: int = 0):
     decoder = RestorationPromptDecoder(embed_dim=32, hidden_dim=32, num_layers=1, num_heads=2).eval()
     decoder.encode_candidates(encoder)
     return encoder, decoder
+
+
+TINY_DAT_CONFIG = {"embed_dim": 32, "depth": [2, 2], "num_heads": [2, 2], "split_size": [2, 4], "img_size": 64}
+
+
+def get_dummy_restorer(seed: int = 0, scale: int = 2, context_dim: int = 32, random_fusion: bool = True):
+    """A tiny `DATRestorer` (2 residual groups) with fusion blocks for the tiny degradation encoder.
+
+    The fusion outputs start at zero (exact DAT); `random_fusion=True` gives them small random weights so the
+    degradation features change the result, as after fine-tuning.
+    """
+    from dalpsr.models.fusion import DATRestorer
+
+    torch.manual_seed(seed)
+    restorer = DATRestorer(
+        dat_config={**TINY_DAT_CONFIG, "upscale": scale}, context_dim=context_dim, fusion_num_heads=2
+    ).eval()
+    if random_fusion:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in restorer.named_parameters():
+                if name.startswith("fusion_blocks") and not param.any():
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return restorer

@@ -398,15 +398,24 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 f"`callback_on_step_end_tensor_inputs` has {bad}; allowed: {self._callback_tensor_inputs}."
             )
 
-    def prepare_condition(self, images: list[RGBImage], upscale: float, device, dtype):
-        """Bicubic-upsample same-size LR images and pad to the UNet multiple.
+    def prepare_condition(
+        self, images: list[RGBImage], upscale: float, device, dtype, restored: torch.Tensor | None = None
+    ):
+        """The LR-branch condition: bicubic-upsampled LR (or the `restored` regression estimate, resized to the
+        output size when its scale differs), padded to the UNet multiple.
 
-        Returns (upsampled B×3×H×W in [0, 1] at the exact output size, padded condition B×3×H'×W').
+        Returns (condition B×3×H×W in [0, 1] at the exact output size, padded condition B×3×H'×W').
         """
         lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=torch.float32)
         h, w = lr.shape[-2:]
         out_h, out_w = round(h * upscale), round(w * upscale)
-        up = F.interpolate(lr, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0, 1)
+        source = lr if restored is None else restored.to(device=device, dtype=torch.float32)
+        if source.shape[-2:] == (out_h, out_w):
+            up = source.clamp(0, 1)
+        else:
+            shrink = out_h < source.shape[-2]
+            up = F.interpolate(source, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=shrink)
+            up = up.clamp(0, 1)
         m = self.pad_multiple
         pad_h, pad_w = (-out_h) % m, (-out_w) % m
         cond = F.pad(up, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else up
@@ -420,8 +429,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         if self.degradation_encoder is None:
             raise ValueError(
-                "`degradation_encoder` is None but the prompt decoder needs its features; pass a DegradationEncoder "
-                "component or give `degradation_prompt` explicitly."
+                "`degradation_encoder` is None but the prompt decoder (or the fusion restorer) needs its features; "
+                "pass a DegradationEncoder component, or give `degradation_prompt` explicitly."
             )
         encoder = self.degradation_encoder
         lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=torch.float32)
@@ -568,6 +577,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_prompt: str = "",
         unload_captioner: bool = False,
         start_timestep: int | None = None,
+        pre_restore: bool | None = None,
+        restorer_tile_size: int | None = None,
     ):
         r"""Super-resolve `image`.
 
@@ -588,7 +599,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             start_strength: in (0, 1]. 1.0 starts from pure noise; below 1 starts from the VAE latent of the
                 upsampled LR noised to that fraction of the schedule (the last `start_strength` of the steps run).
             controlnet_conditioning_scale: multiplier of the LR branch residuals.
-            color_fix: "wavelet" (default), "adain" or "none"; corrects colours against the upsampled LR.
+            color_fix: "wavelet" (default), "adain" or "none"; corrects colours against the LR-branch condition
+                (the upsampled LR, or the restorer's estimate).
             text_routing: "split" (content → ControlNet, degradation + quality → UNet) or "shared" (the joined
                 text to both).
             tile_size: latent tiling size in output pixels; None tiles automatically above the UNet's native
@@ -609,6 +621,10 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             start_timestep: start from the VAE latent of the upsampled LR noised to this training timestep and run
                 the scheduled steps at or below it (SeeSR's LR start: 999 with DDPM); needs `start_strength=1`
                 and a scheduler whose `add_noise` takes any training timestep (DDPM, DDIM).
+            pre_restore: two-stage restoration (DiffBIR-style): the `restorer`'s regression estimate replaces the
+                bicubic LR as the LR-branch condition, start latent, caption input and colour reference; it shares
+                the degradation encoder's pass with the prompt decoder. None: on when a restorer is set.
+            restorer_tile_size: tile edge in LR pixels for the restorer (None: whole images).
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -666,6 +682,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             default_prompt=default_prompt,
             unload_captioner=unload_captioner,
             start_timestep=start_timestep,
+            pre_restore=pre_restore,
+            restorer_tile_size=restorer_tile_size,
         )
         # Images of different sizes run as separate batches, in input order.
         groups: list[list[int]] = []
@@ -737,19 +755,33 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         default_prompt,
         unload_captioner,
         start_timestep,
+        pre_restore,
+        restorer_tile_size,
     ) -> dict:
         device = self._execution_device
         dtype = self.unet.dtype
         batch = len(images)
 
-        # 2. Prepare the image: upsampled LR at the exact output size, padded condition for the UNet.
-        upsampled, cond = self.prepare_condition(images, upscale, device, self.controlnet.dtype)
+        # 2. One pass of the shared feature stack serves the prompt decoder and the restorer.
+        decode_prompts = any(d is None for d in degradation_prompts) and self.prompt_decoder is not None
+        restore = self.restorer is not None if pre_restore is None else pre_restore
+        if restore and self.restorer is None:
+            raise ValueError("`pre_restore=True` needs a `restorer` component (e.g. a DATRestorer); got None.")
+        needs_features = decode_prompts or (restore and getattr(self.restorer, "needs_features", False))
+        features = self.encode_degradation(images, device) if needs_features else None
+
+        # 3. Prepare the image: the LR-branch condition at the exact output size (bicubic LR, or the restorer's
+        # estimate, DiffBIR-style), padded for the UNet.
+        restored = None
+        if restore:
+            lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=self.restorer.dtype)
+            restored = self.restorer.super_resolve(lr, features=features, tile_size=restorer_tile_size)
+        upsampled, cond = self.prepare_condition(images, upscale, device, self.controlnet.dtype, restored=restored)
         out_h, out_w = upsampled.shape[-2:]
 
-        # 3. Prompts: content (caller / caption / default), degradation (caller / decoder / empty).
+        # 4. Prompts: content (caller / caption of the condition image / default), degradation (caller / decoder).
         degradations = None
-        if any(d is None for d in degradation_prompts) and self.prompt_decoder is not None:
-            features = self.encode_degradation(images, device)
+        if decode_prompts:
             prediction = self.prompt_decoder.decode(features)
             degradations = [prediction.report(i) for i in range(batch)]
             degradation_prompts = [

@@ -65,7 +65,7 @@ def test_pil_modes_and_alpha_policy(pipe):
         "LA": rgba.convert("LA"),
         "L": Image.fromarray(rgb).convert("L"),
         "P": Image.fromarray(rgb).convert("P"),
-        "I;16": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
         "CMYK": Image.fromarray(rgb).convert("CMYK"),
     }
     for mode, img in images.items():
@@ -229,7 +229,8 @@ def test_callback_can_replace_latents(pipe):
 
 def test_color_fix_modes_differ_and_wavelet_keeps_lr_colours(pipe):
     lr = rand_lr(8, 8) * 0.3 + 0.5
-    outs = {m: pipe(lr, color_fix=m, generator=gen(), output_type="pt", **FAST).images for m in ("none", "adain", "wavelet")}
+    modes = ("none", "adain", "wavelet")
+    outs = {m: pipe(lr, color_fix=m, generator=gen(), output_type="pt", **FAST).images for m in modes}
     up = torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
     err = {m: (o.mean(dim=(-2, -1)) - up.mean(dim=(-2, -1))).abs().max().item() for m, o in outs.items()}
     assert err["wavelet"] < err["none"] and err["adain"] < err["none"]
@@ -308,7 +309,8 @@ def test_from_sd2_builds_lr_branch_from_unet(tmp_path):
     assert pipe(rand_lr(5, 7), output_type="pt", generator=gen(), **FAST).images.shape == (1, 3, 20, 28)
     c["controlnet"].save_pretrained(tmp_path / "cn")
     with_cn = DaLPSRPipeline.from_sd2(tmp_path / "sd2", controlnet=tmp_path / "cn")
-    torch.testing.assert_close(with_cn.controlnet.controlnet_mid_block.weight, c["controlnet"].controlnet_mid_block.weight)
+    mid = c["controlnet"].controlnet_mid_block.weight
+    torch.testing.assert_close(with_cn.controlnet.controlnet_mid_block.weight, mid)
     with pytest.raises(FileNotFoundError, match="base"):
         DaLPSRPipeline.from_sd2(tmp_path / "missing")
 
@@ -484,3 +486,36 @@ def test_prompt_decoder_without_encoder_is_a_clear_error():
     pipe = get_dummy_pipeline(seed=0, prompt_decoder=decoder)
     with pytest.raises(ValueError, match="degradation_encoder"):
         pipe(rand_lr(8, 8), **FAST)
+
+
+def test_pre_restore_uses_the_restorer_estimate_and_one_encoder_pass(monkeypatch):
+    from dalpsr.testing import get_dummy_degradation_models, get_dummy_restorer
+
+    encoder, decoder = get_dummy_degradation_models(seed=0)
+    restorer = get_dummy_restorer(seed=0, scale=2)
+    pipe = get_dummy_pipeline(seed=0, degradation_encoder=encoder, prompt_decoder=decoder, restorer=restorer)
+    calls = []
+    encoder.register_forward_hook(lambda m, args, out: calls.append(1))
+    captured = {}
+
+    def keep_condition(module, args, kwargs):
+        captured.setdefault("cond", kwargs["controlnet_cond"].clone())
+
+    pipe.controlnet.register_forward_pre_hook(keep_condition, with_kwargs=True)
+    lr = rand_lr(12, 16, 5)
+    out = pipe(lr, upscale=4, generator=gen(), output_type="pt", color_fix="none", **FAST)
+    assert len(calls) == 1, "the prompt decoder and the fusion restorer share one encoder pass"
+    assert out.images.shape == (1, 3, 48, 64)
+    # The condition is the restorer's ×2 estimate (features included) resized to ×4, not the bicubic LR.
+    estimate = restorer.super_resolve(lr, features=encoder(encoder.preprocess(lr)))
+    expected = torch.nn.functional.interpolate(estimate, size=(48, 64), mode="bicubic", align_corners=False).clamp(0, 1)
+    torch.testing.assert_close(captured["cond"][:1], expected, atol=1e-5, rtol=0)
+    bicubic = torch.nn.functional.interpolate(lr, size=(48, 64), mode="bicubic", align_corners=False).clamp(0, 1)
+    assert (captured["cond"][:1] - bicubic).abs().max() > 1e-2
+
+    captured.clear()
+    plain = pipe(lr, upscale=4, pre_restore=False, generator=gen(), output_type="pt", color_fix="none", **FAST)
+    torch.testing.assert_close(captured["cond"][:1], bicubic, atol=1e-6, rtol=0)
+    assert (plain.images - out.images).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="restorer"):
+        get_dummy_pipeline(seed=0)(lr, pre_restore=True, **FAST)
