@@ -11,6 +11,7 @@ prompt is an argument the caller can override.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import os
@@ -71,6 +72,23 @@ class DaLPSRPipelineOutput(BaseOutput):
 def join_prompt(*parts: str | None) -> str:
     """Join non-empty prompt parts with ", "."""
     return ", ".join(p.strip().strip(",").strip() for p in parts if p and p.strip().strip(","))
+
+
+def route_prompts(
+    prompts: list[str], degradation_prompts: list[str], quality_prompt: str, text_routing: str
+) -> tuple[list[str], list[str]]:
+    """(ControlNet texts, UNet texts) per image, as the pipeline and the training scripts route them.
+
+    "split": content prompt → ControlNet, degradation prompt + quality words → UNet; "shared": the joined text
+    to both.
+    """
+    if text_routing not in TEXT_ROUTINGS:
+        raise ValueError(f"`text_routing` must be one of {TEXT_ROUTINGS}; got {text_routing!r}.")
+    unet_texts = [join_prompt(d, quality_prompt) for d in degradation_prompts]
+    if text_routing == "split":
+        return list(prompts), unet_texts
+    joined = [join_prompt(p, u) for p, u in zip(prompts, unet_texts)]
+    return joined, list(joined)
 
 
 class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
@@ -135,6 +153,20 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DaLPSRPipeline:
+        """`DiffusionPipeline.from_pretrained`, after importing the dalpsr modules that define the saved custom
+        components (diffusers refuses to import a module named in model_index.json by itself; these are this
+        package's own modules, so importing them runs no foreign code)."""
+        config_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only", "token", "proxies") if k in kwargs
+        }
+        for entry in cls.load_config(pretrained_model_name_or_path, **config_kwargs).values():
+            if isinstance(entry, list | tuple) and entry and isinstance(entry[0], str):
+                if entry[0] == "dalpsr" or entry[0].startswith("dalpsr."):
+                    importlib.import_module(entry[0])
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @classmethod
     def from_sd2(
         cls,
@@ -460,7 +492,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return tiled_map(decode, latents, latent_tile, latent_tile // 4, scale=self.vae_scale_factor)
         return decode(latents)
 
-    def _image_attention_kwargs(self, images: list[RGBImage], device, dtype, do_cfg: bool) -> dict:
+    def image_attention_kwargs(self, images: list[RGBImage], device, dtype, do_cfg: bool) -> dict:
         """`{"image_encoder_hidden_states": B×N×D}` of the LR images when UNet and ControlNet have image
         cross-attention (repeated for the CFG half), else {}."""
         flags = [bool(getattr(m.config, "use_image_cross_attention", False)) for m in (self.unet, self.controlnet)]
@@ -493,6 +525,10 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return_dict=False,
             **image_kwargs,
         )
+        # An fp32 LR branch may run beside an fp16/bf16 UNet: residuals join the UNet in its dtype.
+        unet_dtype = self.unet.dtype
+        down = [d.to(unet_dtype) for d in down]
+        mid = mid.to(unet_dtype)
         return self.unet(
             latent_in,
             t,
@@ -799,11 +835,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 prompts[i] = fit_to_token_budget(caption, self.tokenizer, budget)
         prompts = [default_prompt if p is None else p for p in prompts]
         degradation_prompts = ["" if d is None else d for d in degradation_prompts]
-        unet_only = [join_prompt(d, quality_prompt) for d in degradation_prompts]
-        if text_routing == "split":
-            cn_texts, unet_texts = prompts, unet_only
-        else:
-            cn_texts = unet_texts = [join_prompt(p, u) for p, u in zip(prompts, unet_only)]
+        cn_texts, unet_texts = route_prompts(prompts, degradation_prompts, quality_prompt, text_routing)
 
         # 4. Encode text.
         do_cfg = self.do_classifier_free_guidance
@@ -866,7 +898,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         extra_step = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             extra_step["generator"] = generator
-        image_kwargs = self._image_attention_kwargs(images, device, dtype, do_cfg)
+        image_kwargs = self.image_attention_kwargs(images, device, dtype, do_cfg)
         prompt_embeds, controlnet_prompt_embeds = unet_embeds, cn_embeds
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):

@@ -519,3 +519,22 @@ def test_pre_restore_uses_the_restorer_estimate_and_one_encoder_pass(monkeypatch
     assert (plain.images - out.images).abs().max() > 1e-3
     with pytest.raises(ValueError, match="restorer"):
         get_dummy_pipeline(seed=0)(lr, pre_restore=True, **FAST)
+
+
+def test_saved_pipeline_with_custom_components_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from dalpsr.testing import get_dummy_degradation_models
+
+    encoder, decoder = get_dummy_degradation_models(seed=0)
+    get_dummy_pipeline(seed=0, degradation_encoder=encoder, prompt_decoder=decoder).save_pretrained(tmp_path / "p")
+    code = (
+        "from dalpsr import DaLPSRPipeline; import sys; "
+        "p = DaLPSRPipeline.from_pretrained(sys.argv[1]); "
+        "print(type(p.degradation_encoder).__name__, type(p.prompt_decoder).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "p")], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == ["DegradationEncoder", "RestorationPromptDecoder"]

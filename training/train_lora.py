@@ -16,7 +16,9 @@ saved in the diffusers LoRA format. What differs from those examples:
 - checkpoints hold only the trained weights (LoRA layers, or the ControlNet) plus optimizer / scheduler / RNG state,
   and are written under a temporary name and renamed when complete;
 - `lora_alpha / rank` is folded into the saved `lora_B` matrices, so the saved file loads with
-  `DaLPSRPipeline.load_lora_weights` (which assumes alpha = rank) and reproduces the trained model exactly.
+  `DaLPSRPipeline.load_lora_weights` (which assumes alpha = rank) and reproduces the trained model exactly;
+- a pipeline with SeeSR image cross-attention (`--pipeline_dir` of a `DaLPSRPipeline.from_seesr` save) gets the
+  LR image embeddings of its image encoder in both networks, as in the pipeline.
 
 Usage:
     accelerate launch training/train_lora.py --config configs/train_lora_sd2.json \\
@@ -43,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset
 from dalpsr.degradations.cli import crop_seed
 from dalpsr.degradations.config import PRESETS
 from dalpsr.image_io import RGBImage, atomic_write_bytes, save_image_atomic
-from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, join_prompt
+from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
 
 LORA_TARGETS = ("unet", "controlnet")
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
@@ -257,6 +259,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             "Give exactly one of `--train_data_dir` (HR folder, degraded on the fly) or `--pairs_dir` "
             f"(make-pairs folder); got train_data_dir={args.train_data_dir!r}, pairs_dir={args.pairs_dir!r}."
+        )
+    if args.pipeline_dir and not (Path(args.pipeline_dir) / "model_index.json").is_file():
+        raise ValueError(
+            f"`--pipeline_dir` must be a folder written by `DaLPSRPipeline.save_pretrained` (with model_index.json); "
+            f"got {args.pipeline_dir!r}."
         )
     data_dir = args.train_data_dir or args.pairs_dir
     if not Path(data_dir).is_dir():
@@ -490,21 +497,6 @@ class TrainPairs(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-def route_prompts(
-    captions: list[str], degradation_prompts: list[str], quality_prompt: str, text_routing: str
-) -> tuple[list[str], list[str]]:
-    """(ControlNet texts, UNet texts) per sample, as `DaLPSRPipeline._generate` step 3 builds them.
-
-    "split": caption → ControlNet, degradation prompt + quality words → UNet; "shared": the joined text to both.
-    Kept in step with the pipeline by `tests/test_train_lora.py` (it compares with the pipeline's output fields).
-    """
-    unet_only = [join_prompt(d, quality_prompt) for d in degradation_prompts]
-    if text_routing == "split":
-        return list(captions), unet_only
-    joined = [join_prompt(c, u) for c, u in zip(captions, unet_only)]
-    return joined, list(joined)
 
 
 def resolve_checkpoint(output_dir: Path, value: str) -> Path | None:
@@ -829,7 +821,7 @@ def main(args: argparse.Namespace) -> dict:
         lr_images = [RGBImage(x) for x in lr]
         _, cond = pipe.prepare_condition(lr_images, args.scale, device, weight_dtype)
         with torch.no_grad():
-            image_kwargs = pipe._image_attention_kwargs(lr_images, device, weight_dtype, do_cfg=False)
+            image_kwargs = pipe.image_attention_kwargs(lr_images, device, weight_dtype, do_cfg=False)
         cn_texts, unet_texts = route_prompts(
             list(batch["caption"]), degradation_prompts, args.quality_prompt, args.text_routing
         )
