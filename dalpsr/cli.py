@@ -11,6 +11,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dalpsr.degradations import cli as degradations_cli
     from dalpsr.evaluation import cli as evaluation_cli
     from dalpsr.weights import cli as weights_cli
+    from dalpsr.weights import manifest as weights_manifest
     from dalpsr.weights import seesr as seesr_weights
 
     parser = argparse.ArgumentParser(
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_degradation.add_commands(subparsers)
     degradations_cli.add_commands(subparsers)
     weights_cli.add_commands(subparsers)
+    weights_manifest.add_commands(subparsers)
     seesr_weights.add_commands(subparsers)
     evaluation_cli.add_commands(subparsers)
     return parser

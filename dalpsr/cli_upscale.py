@@ -89,7 +89,8 @@ def add_commands(subparsers) -> None:
 
 
 def resolve_model_source(args) -> str:
-    """Which weights to load: --model, --sd2-base, $DALPSR_MODEL, then the default folder."""
+    """Which weights to load: --model, --sd2-base, $DALPSR_MODEL, $DALPSR_SD2_BASE (recorded as --sd2-base), then
+    the default folder."""
     if args.random_weights_for_testing:
         return "random-weights-for-testing"
     if args.model:
@@ -99,10 +100,15 @@ def resolve_model_source(args) -> str:
     env = os.environ.get("DALPSR_MODEL")
     if env:
         return env
+    sd2_env = os.environ.get("DALPSR_SD2_BASE")
+    if sd2_env:
+        args.sd2_base = sd2_env
+        return sd2_env
     if (DEFAULT_MODEL_DIR / "model_index.json").is_file():
         return str(DEFAULT_MODEL_DIR)
     raise WeightsNotFoundError(
-        "No DaLPSR weights found. Looked at: --model (not given), --sd2-base (not given), $DALPSR_MODEL (unset), "
+        "No DaLPSR weights found. Looked at: --model (not given), --sd2-base (not given), $DALPSR_MODEL and "
+        "$DALPSR_SD2_BASE (unset), "
         f"{DEFAULT_MODEL_DIR} (no model_index.json). Provide Stable Diffusion 2 base weights as a local diffusers "
         "folder with `--sd2-base PATH` (and a trained LR ControlNet with `--controlnet PATH`), or a saved "
         "DaLPSRPipeline folder with `--model PATH` or $DALPSR_MODEL; see README 'Weights'."

@@ -27,6 +27,7 @@ def inputs(tmp_path):
 
 def test_missing_weights_gives_one_clear_message(tmp_path, inputs, capsys, monkeypatch):
     monkeypatch.delenv("DALPSR_MODEL", raising=False)
+    monkeypatch.delenv("DALPSR_SD2_BASE", raising=False)
     monkeypatch.setattr("dalpsr.cli_upscale.DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     code = main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
@@ -71,3 +72,14 @@ def test_missing_input_is_reported(tmp_path, capsys):
     code = main(["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o"), *FAST])
     assert code == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_weights_command_lists_the_manifest(capsys, monkeypatch, tmp_path):
+    from dalpsr.weights.manifest import load_manifest
+
+    monkeypatch.setenv("DALPSR_DAT_MODEL", str(tmp_path))
+    assert main(["weights"]) == 0
+    out = capsys.readouterr().out
+    for entry in load_manifest():
+        assert entry.name in out and entry.licence in out
+    assert f"found at {tmp_path}" in out
