@@ -236,20 +236,28 @@ def test_color_fix_modes_differ_and_wavelet_keeps_lr_colours(pipe):
     assert err["wavelet"] < err["none"] and err["adain"] < err["none"]
 
 
+def _border_energy_ratio(img: torch.Tensor, borders: list[int]) -> float:
+    """Mean |gradient| across the given pixel borders (both axes) over the mean |gradient| elsewhere."""
+    gx = (img[..., 1:] - img[..., :-1]).abs().mean(dim=(0, 1, 2))
+    gy = (img[..., 1:, :] - img[..., :-1, :]).abs().mean(dim=(0, 1, 3))
+    near = {b + d for b in borders for d in (-1, 0, 1)}
+    keep = [i for i in range(gx.shape[0]) if i not in near]
+    return (torch.cat([gx[borders], gy[borders]]).mean() / torch.cat([gx[keep], gy[keep]]).mean()).item()
+
+
 def test_tiled_close_to_untiled_and_seamless():
     pipe = get_dummy_pipeline(seed=0)
     lr = rand_lr(16, 16, 4)
     kw = dict(num_inference_steps=2, guidance_scale=1.0, color_fix="none", output_type="pt")
     full = pipe(lr, tile_size=64, vae_tile_size=64, generator=gen(), **kw).images
     tiled = pipe(lr, tile_size=32, tile_overlap=16, vae_tile_size=64, generator=gen(), **kw).images
-    diff = (full - tiled).abs()
-    # Measured on these tiny random models: mean ≈ 0.03, max ≈ 0.2 (a random UNet sees less context per tile).
-    assert diff.mean() < 0.08
-    # No seam: the gradient energy across the tile borders is not above the energy inside the tiles.
-    gx = (tiled[..., 1:] - tiled[..., :-1]).abs().mean(dim=(0, 1, 2))
-    border_cols = [15, 31, 47]  # in pixels: tile starts at latent 0, 8, 16 → 0, 16, 32 px (+ 64-px image)
-    inside = torch.cat([gx[:14], gx[18:30], gx[34:46]]).mean()
-    assert gx[border_cols].mean() <= inside * 1.5
+    # Latent tiles of 16 with overlap 8 start at latent 0, 8, 16 → tile edges at 16, 32, 48 px of the 64-px output.
+    # Measured here: mean |tiled − full| = 0.0156, max 0.106, against an output std of 0.166.
+    assert (full - tiled).abs().mean() < 0.03
+    # No seam: across tile edges the gradient energy (relative to inside the tiles) is what the untiled image has
+    # at the same places (measured 1.082 tiled vs 1.080 untiled; the VAE's 2-px pattern makes both exceed 1).
+    borders = [15, 31, 47]
+    assert _border_energy_ratio(tiled, borders) <= _border_energy_ratio(full, borders) + 0.02
 
 
 def test_tiled_vae_is_no_worse_than_diffusers_tiling(pipe):
