@@ -113,8 +113,9 @@ def _protocol(args):
     )
 
 
-def _report(result, out=sys.stderr) -> bool:
-    """Print problems; True when nothing was left out."""
+def _report(result, out=None) -> bool:
+    """Print problems (to stderr unless `out` is given; looked up at call time); True when nothing was left out."""
+    out = out if out is not None else sys.stderr
     clean = True
     for line in result.pairing_report:
         print(f"warning: {line}", file=out)

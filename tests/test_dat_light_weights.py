@@ -1,0 +1,84 @@
+"""The DAT-light ×4 weights shipped in `weights/dat_light_x4/`: found by default, load, beat bicubic on real pairs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dalpsr.cli import main
+from dalpsr.cli_upscale_dat import resolve_dat_model
+from dalpsr.models.dat import DAT
+from dalpsr.models.fusion import load_restorer
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "dat_light_x4"
+REALSR = Path(__file__).resolve().parents[2] / "shared" / "data" / "paired" / "RealSR"
+# (file name, LR top, LR left): 48×48 LR crops of real RealSR pairs (HR = 4 × LR, aligned by the dataset)
+CROPS = [("Canon_005_LR4.png", 40, 40), ("Nikon_010_LR4.png", 40, 40)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, encoder = load_restorer(SHIPPED)
+    return model, encoder
+
+
+def test_shipped_weights_are_the_default_and_small(shipped, monkeypatch):
+    monkeypatch.delenv("DALPSR_DAT_MODEL", raising=False)
+    assert Path(resolve_dat_model(argparse.Namespace(dat_model=None))).resolve() == SHIPPED.resolve()
+    weight_files = list(SHIPPED.glob("*.safetensors"))
+    assert len(weight_files) == 1 and weight_files[0].stat().st_size < 20 * 2**20
+    assert (SHIPPED / "README.md").is_file()
+    model, encoder = shipped
+    assert encoder is None and not model.needs_features and model.scale == 4
+    preset = DAT.preset_config("dat_light", 4)
+    assert {k: model.dat.config[k] for k in ("embed_dim", "depth", "num_heads", "split_size")} == {
+        k: preset[k] for k in ("embed_dim", "depth", "num_heads", "split_size")
+    }
+
+
+def test_upscale_cli_uses_shipped_weights_from_any_directory(tmp_path, monkeypatch, shipped):
+    monkeypatch.delenv("DALPSR_DAT_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((12, 10, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    assert main(["upscale", "a.png", "-o", "out", "--engine", "dat"]) == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (40, 48)
+
+
+@pytest.mark.skipif(not REALSR.is_dir(), reason=f"shared real data not found at {REALSR}")
+def test_shipped_weights_beat_bicubic_on_real_pairs(shipped):
+    pytest.importorskip("pyiqa", reason="metrics need pyiqa (`pip install dalpsr[metrics]`)")
+    from dalpsr.evaluation.metrics import MetricProtocol, build_metrics, score
+    from dalpsr.image_io import load_image
+
+    model, _ = shipped
+    protocol = MetricProtocol(color="y", color_space="ycbcr", crop_border=4, round_8bit=True)
+    metrics, errors = build_metrics(["psnr", "ssim"], protocol)
+    assert not errors
+    ours, bicubic = {"psnr": [], "ssim": []}, {"psnr": [], "ssim": []}
+    for name, top, left in CROPS:
+        lr = load_image(REALSR / "lr_x4" / name).rgb[:, top : top + 48, left : left + 48]
+        hr = load_image(REALSR / "hr" / name).rgb[:, 4 * top : 4 * top + 192, 4 * left : 4 * left + 192]
+        with torch.no_grad():
+            sr = model.super_resolve(lr[None])[0].clamp(0, 1)
+        bic = F.interpolate(lr[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        assert sr.shape == hr.shape
+        for key, metric in metrics.items():
+            ours[key].append(score(metric, sr, hr, protocol))
+            bicubic[key].append(score(metric, bic, hr, protocol))
+    for key in metrics:
+        assert np.mean(ours[key]) > np.mean(bicubic[key]), (key, ours[key], bicubic[key])
