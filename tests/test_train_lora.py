@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from dalpsr.training_utils import list_checkpoints
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SET5 = SHARED / "paired" / "Set5"
@@ -135,7 +137,7 @@ def test_training_writes_losses_checkpoints_weights_and_validation(run_a):
     out, result = run_a
     assert result["initial_global_step"] == 0 and result["global_step"] == 5
     assert len(result["losses"]) == 5 and all(np.isfinite(result["losses"]))
-    assert [p.name for p in train_lora.list_checkpoints(out)] == ["checkpoint-4"]  # the limit removed checkpoint-2
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"]  # the limit removed checkpoint-2
     assert not list(out.glob("*.partial"))
     keys = lora_file(out)
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("controlnet.") for k in keys)

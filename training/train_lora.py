@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import shutil
 import sys
 from contextlib import nullcontext
@@ -46,6 +45,7 @@ from dalpsr.degradations.cli import crop_seed
 from dalpsr.degradations.config import PRESETS
 from dalpsr.image_io import RGBImage, atomic_write_bytes, save_image_atomic
 from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
+from dalpsr.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint
 
 LORA_TARGETS = ("unet", "controlnet")
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
@@ -58,7 +58,6 @@ LR_SCHEDULERS = (
     "constant_with_warmup",
     "piecewise_constant",
 )
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 ARGS_FILE = "training_args.json"
 UNET_LORA_FILE = "unet_lora.safetensors"
 CONTROLNET_LORA_FILE = "controlnet_lora.safetensors"
@@ -499,25 +498,6 @@ class TrainPairs(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(output_dir: Path, value: str) -> Path | None:
-    """The checkpoint folder for `--resume_from_checkpoint` ("latest" → highest step, None when there is none)."""
-    if value == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    for candidate in (Path(value), output_dir / value):
-        if candidate.is_dir() and CHECKPOINT_RE.match(candidate.name):
-            return candidate
-    return None
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders in `output_dir`, by step."""
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
-
-
 def batch_generator(seed: int, process_index: int, epoch: int, step: int) -> torch.Generator:
     """CPU generator for one micro-batch's noise, timesteps, VAE sampling and prompt dropout."""
     return torch.Generator().manual_seed(crop_seed(seed * 1_000_003 + process_index, f"batch/{epoch}", step))
@@ -791,7 +771,7 @@ def main(args: argparse.Namespace) -> dict:
         else:
             logger.info("resuming from %s", checkpoint)
             accelerator.load_state(str(checkpoint))
-            global_step = int(CHECKPOINT_RE.match(checkpoint.name).group(1))
+            global_step = checkpoint_step(checkpoint)
     initial_global_step = global_step
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
@@ -904,24 +884,6 @@ def main(args: argparse.Namespace) -> dict:
                 handle.remove()
         logger.info("validation images for step %d in %s", step, folder)
 
-    def save_checkpoint(step: int) -> None:
-        final = output_dir / f"checkpoint-{step}"
-        partial = output_dir / f"checkpoint-{step}.partial"
-        if accelerator.is_main_process:
-            shutil.rmtree(partial, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(partial))  # every process saves its RNG state
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
-            logger.info("saved %s", final)
-            if args.checkpoints_total_limit is not None:  # pruned only once the new checkpoint is complete
-                for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
-                    shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-
     losses: list[float] = []
     progress = tqdm(
         range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
@@ -962,7 +924,7 @@ def main(args: argparse.Namespace) -> dict:
             progress.set_postfix(loss=f"{step_loss:.4f}")
             accelerator.log({"train_loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(global_step)
+                save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if accelerator.is_main_process and global_step % args.validation_steps == 0:
                 validate(global_step)
             if global_step >= max_train_steps:

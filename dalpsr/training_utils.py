@@ -1,0 +1,71 @@
+"""Checkpoint folders shared by the training scripts (`training/train_*.py`).
+
+A checkpoint is written as `checkpoint-N.partial` and renamed to `checkpoint-N` once complete, so an interrupted
+save never looks like a checkpoint to `--resume_from_checkpoint latest`; old checkpoints beyond the limit are removed
+only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+logger = logging.getLogger(__name__)
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete `checkpoint-N` folders in `output_dir`, by step."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def resolve_checkpoint(output_dir: str | Path, value: str) -> Path | None:
+    """The folder for `--resume_from_checkpoint`: "latest" → highest step (None when there is none), else a
+    `checkpoint-N` folder given as a path or as a name inside `output_dir` (None when it does not exist)."""
+    if value == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    for candidate in (Path(value), Path(output_dir) / value):
+        if candidate.is_dir() and CHECKPOINT_RE.match(candidate.name):
+            return candidate
+    return None
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """N of a `checkpoint-N` folder."""
+    match = CHECKPOINT_RE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"`path` must name a checkpoint-N folder; got {str(path)!r}.")
+    return int(match.group(1))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None = None) -> Path:
+    """`accelerator.save_state` into `checkpoint-{step}` atomically, then keep at most `total_limit` checkpoints.
+
+    Call it on every process (each saves its RNG state); the main process renames and prunes.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f"checkpoint-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        logger.info("saved %s", final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
