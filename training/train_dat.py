@@ -23,13 +23,13 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
+
+from dalpsr.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -357,21 +357,17 @@ def main(args: argparse.Namespace) -> Path:
 
     global_step, first_epoch, resume_step = 0, 0, 0
     if args.resume_from_checkpoint:
-        if args.resume_from_checkpoint == "latest":
-            found = sorted(
-                (d for d in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
-                key=lambda d: int(d.name.split("-")[1]),
+        path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        if path is None and args.resume_from_checkpoint != "latest":
+            raise FileNotFoundError(
+                f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a checkpoint-N folder (a path, or "
+                f"a name in {output_dir}); use 'latest' to resume from the newest one."
             )
-            path = found[-1] if found else None
-        else:
-            path = Path(args.resume_from_checkpoint)
-            if not path.is_dir():
-                raise FileNotFoundError(f"`--resume_from_checkpoint` {path} is not a folder.")
         if path is None:
             logger.info("No checkpoint to resume from; starting a new run.")
         else:
             accelerator.load_state(str(path))
-            global_step = int(path.name.split("-")[1])
+            global_step = checkpoint_step(path)
             first_epoch = global_step // steps_per_epoch
             resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
             logger.info(f"Resumed from {path} at step {global_step}")
@@ -459,7 +455,7 @@ def main(args: argparse.Namespace) -> Path:
             accelerator.log(logs, step=global_step)
             if global_step % args.logging_steps == 0:
                 logger.info(f"step {global_step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+            if global_step % args.checkpointing_steps == 0:
                 save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if global_step % args.validation_steps == 0:
                 validate(global_step)
@@ -524,20 +520,6 @@ def evaluate_pairs(
     mean = {k: sum(r[k] for r in images) / len(images) for k in metrics}
     bicubic = {k: sum(r["bicubic"][k] for r in images) / len(images) for k in metrics}
     return {"n": len(images), "protocol": protocol.to_dict(), "mean": mean, "bicubic": bicubic, "images": images}
-
-
-def save_checkpoint(accelerator, output_dir: Path, step: int, total_limit: int | None) -> None:
-    """Save `checkpoint-{step}`, first removing the oldest ones beyond `total_limit`."""
-    if total_limit is not None:
-        existing = sorted(
-            (d for d in output_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", d.name)),
-            key=lambda d: int(d.name.split("-")[1]),
-        )
-        for old in existing[: max(0, len(existing) - total_limit + 1)]:
-            shutil.rmtree(old)
-    path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    logger.info(f"saved {path}")
 
 
 if __name__ == "__main__":
