@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ from torch import Tensor, nn
 
 from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, tiled_forward
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
+
+logger = logging.getLogger(__name__)
 
 RESTORER_SUBFOLDER = "restorer"
 ENCODER_SUBFOLDER = "degradation_encoder"
@@ -388,6 +391,32 @@ class DATRestorer(ModelMixin, ConfigMixin):
         return tiled_forward(run, lr, self.scale, tile_size, tile_overlap, dtype)
 
 
+def _from_pretrained_without_masks(path: Path) -> DATRestorer:
+    """`DATRestorer.from_pretrained`, accepting weight files saved without DAT's `attn_mask_*` buffers.
+
+    Those shifted-window masks are fixed functions of `img_size`, rebuilt when the model is built, and 34 MB in
+    float32 for DAT-light; the shipped weights leave them out. diffusers would report them as "newly initialized"
+    weights to train, so its warning is silenced here and any other missing tensor is reported instead.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from safetensors import safe_open
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model = DATRestorer.from_pretrained(path)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    stored: set[str] = set()
+    for file in path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update(f.keys())
+    missing = [k for k in model.state_dict() if k not in stored and ".attn_mask_" not in k]
+    if stored and missing:
+        logger.warning(f"{path}: these weights are missing and keep their initial values: {missing}")
+    return model
+
+
 def load_restorer(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[DATRestorer, DegradationEncoder | None]:
@@ -425,7 +454,7 @@ def load_restorer(
         if class_name == "DAT":
             model = DATRestorer.from_dat(DAT.from_pretrained(path), fusion_layers=[])
         elif class_name == "DATRestorer":
-            model = DATRestorer.from_pretrained(path)
+            model = _from_pretrained_without_masks(path)
         else:
             raise FileNotFoundError(f"{path}/config.json describes {class_name!r}, not a DATRestorer or DAT.")
         encoder_dirs += [path / ENCODER_SUBFOLDER, path.parent / ENCODER_SUBFOLDER]
