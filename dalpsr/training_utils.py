@@ -69,3 +69,24 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def resume_state(accelerator, output_dir: str | Path, value: str | None) -> int:
+    """Restore `accelerator` from `--resume_from_checkpoint` (`value`) and return the global step (0: fresh run).
+
+    "latest" with no checkpoint starts a fresh run; any other value must name an existing checkpoint-N folder.
+    """
+    if not value:
+        return 0
+    path = resolve_checkpoint(output_dir, value)
+    if path is None:
+        if value != "latest":
+            raise FileNotFoundError(
+                f"`--resume_from_checkpoint` {value!r} is not a checkpoint-N folder (a path, or a name in "
+                f"{output_dir}); use 'latest' to resume from the newest one."
+            )
+        logger.info("no checkpoint in %s; starting a new run", output_dir)
+        return 0
+    accelerator.load_state(str(path))
+    logger.info("resumed from %s", path)
+    return checkpoint_step(path)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Sampler
 
-from dalpsr.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint
+from dalpsr.training_utils import resume_state, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -355,22 +355,9 @@ def main(args: argparse.Namespace) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / "train_args.json", (json.dumps(vars(args), indent=2) + "\n").encode())
 
-    global_step, first_epoch, resume_step = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        if path is None and args.resume_from_checkpoint != "latest":
-            raise FileNotFoundError(
-                f"`--resume_from_checkpoint` {args.resume_from_checkpoint!r} is not a checkpoint-N folder (a path, or "
-                f"a name in {output_dir}); use 'latest' to resume from the newest one."
-            )
-        if path is None:
-            logger.info("No checkpoint to resume from; starting a new run.")
-        else:
-            accelerator.load_state(str(path))
-            global_step = checkpoint_step(path)
-            first_epoch = global_step // steps_per_epoch
-            resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
-            logger.info(f"Resumed from {path} at step {global_step}")
+    global_step = resume_state(accelerator, output_dir, args.resume_from_checkpoint)
+    first_epoch = global_step // steps_per_epoch
+    resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     bicubic_scores: dict[str, dict[str, float]] = {}
 

@@ -45,7 +45,7 @@ from dalpsr.degradations.cli import crop_seed
 from dalpsr.degradations.config import PRESETS
 from dalpsr.image_io import RGBImage, atomic_write_bytes, save_image_atomic
 from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
-from dalpsr.training_utils import checkpoint_step, resolve_checkpoint, save_checkpoint
+from dalpsr.training_utils import resolve_checkpoint, resume_state, save_checkpoint
 
 LORA_TARGETS = ("unet", "controlnet")
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
@@ -763,15 +763,7 @@ def main(args: argparse.Namespace) -> dict:
         accelerator.init_trackers("dalpsr-train-lora", config=tracker_config)
 
     # Resume.
-    global_step = 0
-    if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info("no checkpoint in %s; starting a new run", output_dir)
-        else:
-            logger.info("resuming from %s", checkpoint)
-            accelerator.load_state(str(checkpoint))
-            global_step = checkpoint_step(checkpoint)
+    global_step = resume_state(accelerator, output_dir, args.resume_from_checkpoint)
     initial_global_step = global_step
     first_epoch = global_step // updates_per_epoch
     skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps

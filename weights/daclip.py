@@ -18,41 +18,17 @@ import os
 import re
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+from dalpsr.weights.checkpoint_io import read_state_dict as read_checkpoint
+
 _WRAPPERS = ("state_dict", "model", "module")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A tensor state dict from `.safetensors` or a torch pickle (`weights_only=True`), unwrapped.
-
-    `{"state_dict": ...}` / `{"model": ...}` wrappers and DDP `module.` prefixes are removed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif suffix in _PICKLE_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"`path` must end in .safetensors or one of {_PICKLE_SUFFIXES}; got {path.name!r}.")
-    if not isinstance(state, dict):
-        raise ValueError(f"`path` {path} does not hold a dict of tensors (got {type(state).__name__}).")
-    for key in _WRAPPERS:
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {re.sub(r"^(module\.)+", "", k): v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"`path` {path} holds non-tensor entries, e.g. {bad[:5]}.")
-    return state
+    """A DA-CLIP / open_clip state dict from a file; `{"state_dict": ...}` / `{"model": ...}` wrappers and DDP
+    `module.` prefixes are removed."""
+    return read_checkpoint(path, wrapper_keys=_WRAPPERS)
 
 
 _CTRL_BLOCK = re.compile(r"^visual_control\.transformer\.transformer\.resblocks\.(\d+)\.(.+)$")

@@ -13,12 +13,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from dalpsr.models.dat import DAT
+from dalpsr.weights.checkpoint_io import read_state_dict
 
-_PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 _WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 
 
@@ -33,34 +32,7 @@ def read_dat_state_dict(path: str | os.PathLike, param_key: str | None = None) -
     Returns:
         The state dict with DataParallel/DDP `module.` prefixes removed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DAT checkpoint not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    elif suffix in _PTH_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise ValueError(f"`path` must end in .safetensors or one of {', '.join(_PTH_SUFFIXES)}, got {path.name!r}.")
-    if not isinstance(state, dict):
-        raise ValueError(f"`path` {path} does not hold a dict of tensors (got {type(state).__name__}).")
-    if param_key is not None:
-        if param_key not in state:
-            raise ValueError(f"`param_key` {param_key!r} is not in {path.name}; it has {sorted(state)}.")
-        state = state[param_key]
-    else:
-        for key in _WRAPPER_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    state = {re.sub(r"^(module\.)+", "", k): v for k, v in state.items()}
-    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
-    if bad:
-        raise ValueError(f"`path` {path} has non-tensor entries where weights were expected: {bad[:5]}.")
-    return state
+    return read_state_dict(path, wrapper_keys=_WRAPPER_KEYS, param_key=param_key)
 
 
 def _count(state: dict[str, Tensor], prefix: str) -> int:
