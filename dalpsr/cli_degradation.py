@@ -253,7 +253,7 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--threshold", type=float, default=None, help="bin probability needed to report a type")
+    p.add_argument("--threshold", type=float, default=None, help="summed bin probability needed to report a type")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_run_describe)

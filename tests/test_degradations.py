@@ -321,6 +321,21 @@ def test_setting2_labels_follow_noise_and_blur():
         assert v["blur"] == pytest.approx(min(p.stage1.blur.effective_sigma / 3.0, 1.0))
 
 
+def test_balanced_preset_one_cause_per_label_and_balanced_presence():
+    x = _photo(64)
+    out = degrade(x[None].repeat(64, 1, 1, 1), "balanced", scale=1, seeds=range(64))
+    assert out.lr.shape == (64, 3, 64, 64)
+    for p, v in zip(out.params, out.values):
+        assert p.stage2.blur is None and p.stage2.jpeg_quality is None and p.stage1.noise_kind is None
+        blur = p.stage1.blur.effective_sigma / 3.0 if p.stage1.blur else 0.0
+        assert v["blur"] == pytest.approx(min(blur, 1.0))
+        assert v["noise"] == pytest.approx(p.stage2.noise_sigma / 30.0 if p.stage2.noise_kind else 0.0)
+        assert v["jpeg"] == p.final.jpeg_quality
+        assert v["downscale"] == pytest.approx(1 - p.stage2.size[0] / 64, abs=1 / 64)
+    present = out.labels.amax(-1).mean(0)  # fraction of images showing each type
+    assert bool((present > 0.3).all()) and bool((present < 0.7).all()), present
+
+
 @pytest.mark.gpu
 def test_cuda_batch_matches_single():
     if not torch.cuda.is_available():

@@ -160,6 +160,26 @@ def test_load_restorer_layouts(encoder, tmp_path):
         load_restorer(tmp_path / "missing")
 
 
+def test_pretrained_dat_from_a_restorer_folder(encoder, tmp_path):
+    from dalpsr.weights.dat import load_dat_checkpoint
+
+    dat = tiny_dat()
+    lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    plain = DATRestorer.from_dat(dat, context_dim=encoder.embed_dim, fusion_layers=[])
+    plain.save_pretrained(tmp_path / "plain")
+    loaded = load_dat_checkpoint(tmp_path / "plain")
+    assert isinstance(loaded, DAT)
+    with torch.no_grad():
+        assert torch.equal(loaded(lr), dat(lr))
+    # a restorer with fusion blocks as the starting DAT of another restorer: fine-tuning from it keeps DAT
+    restorer = DATRestorer.from_dat(tmp_path / "plain", context_dim=encoder.embed_dim, fusion_num_heads=2).eval()
+    with torch.no_grad():
+        assert restorer.needs_features and torch.equal(restorer.super_resolve(lr, encoder=encoder), dat(lr))
+    restorer.save_pretrained(tmp_path / "fused")
+    with pytest.raises(ValueError, match="fusion blocks"):
+        load_dat_checkpoint(tmp_path / "fused")
+
+
 def test_bad_arguments(encoder):
     restorer = DATRestorer(dat_config=TINY_DAT, context_dim=encoder.embed_dim, fusion_num_heads=2)
     lr = torch.rand(1, 3, 8, 8)

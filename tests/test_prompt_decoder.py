@@ -55,13 +55,18 @@ def test_candidates_from_clip_text_tower_and_decode_from_features():
 def test_decoding_rule_threshold_and_argmax():
     probs = torch.zeros(1, *vocabulary.LABEL_SHAPE)
     probs[0, 0] = torch.tensor([0.1, 0.7, 0.6, 0.2])  # blur: bin 1
-    probs[0, 1] = torch.tensor([0.4, 0.3, 0.2, 0.1])  # noise: below threshold → none
-    probs[0, 2] = torch.tensor([0.2, 0.2, 0.9, 0.5])  # jpeg: bin 2
+    probs[0, 1] = torch.tensor([0.1, 0.1, 0.1, 0.05])  # noise: bins sum to 0.35 → none
+    probs[0, 2] = torch.tensor([0.05, 0.2, 0.25, 0.1])  # jpeg: no bin reaches 0.5, the sum 0.6 does → bin 2
     pred = prediction_from_probabilities(probs, threshold=0.5)
     assert pred.prompts == ["Deblur with sigma 0.25~0.50, Dejpeg with quality 70~89"]
     assert pred.bins == [{"blur": 1, "noise": None, "jpeg": 2, "downscale": None}]
-    assert prediction_from_probabilities(probs, threshold=0.35).bins[0]["noise"] == 0
-    assert prediction_from_probabilities(probs, threshold=0.95).prompts == [""]
+    assert prediction_from_probabilities(probs, threshold=0.3).bins[0]["noise"] == 0
+    assert prediction_from_probabilities(probs, threshold=0.65).bins[0] == {
+        "blur": 1,
+        "noise": None,
+        "jpeg": None,
+        "downscale": None,
+    }
     report = pred.report(0)
     assert report["types"]["noise"]["text"] == "none" and report["types"]["jpeg"]["bin"] == 2
     dec = decoder_with_candidates()

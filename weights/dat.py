@@ -6,6 +6,7 @@ DAT-light, ×2/×3/×4, or a custom one trained with the official code) loads wi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -110,11 +111,26 @@ def load_dat_checkpoint(path: str | os.PathLike, param_key: str | None = None, i
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json; expected a DAT diffusers folder.")
+        if json.loads((path / "config.json").read_text()).get("_class_name") == "DATRestorer":
+            return _dat_of_restorer(path)
         return DAT.from_pretrained(path).eval()
     state = read_dat_state_dict(path, param_key)
     model = DAT(**{**infer_dat_config(state), "img_range": img_range})
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def _dat_of_restorer(path: Path) -> DAT:
+    """The DAT inside a `DATRestorer` folder that has no fusion blocks (e.g. the shipped `dat_light_x4`)."""
+    from dalpsr.models.fusion import _from_pretrained_without_masks
+
+    restorer = _from_pretrained_without_masks(path)
+    if restorer.needs_features:
+        raise ValueError(
+            f"{path} is a DATRestorer with fusion blocks; its DAT alone would "
+            "drop them. Load it with `DATRestorer.from_pretrained` (or `load_restorer`)."
+        )
+    return restorer.dat.eval()
 
 
 def convert_dat_checkpoint(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 RESIZE_MODES = ("area", "bilinear", "bicubic", "bicubic_antialias")
 JPEG_BACKENDS = ("auto", "torch", "pillow")
-PRESETS = ("realesrgan", "light", "bicubic", "setting1", "setting2")
+PRESETS = ("realesrgan", "light", "bicubic", "setting1", "setting2", "balanced")
 ODD_SIZES_7_21 = (7, 9, 11, 13, 15, 17, 19, 21)
 
 
@@ -237,7 +237,10 @@ def preset(name: str = "realesrgan", scale: int = 4, jpeg_backend: str = "auto")
 
     Args:
         name: one of `PRESETS`: "realesrgan" (default), "light", "bicubic", "setting1" (isotropic Gaussian
-            blur + bicubic), "setting2" (anisotropic Gaussian blur + bicubic + noise).
+            blur + bicubic), "setting2" (anisotropic Gaussian blur + bicubic + noise), "balanced" (for training the
+            degradation encoder: blur, extra downscaling, noise and JPEG each present with probability 1/2,
+            independently, one parameter each, so every label follows from one visible cause and "none" is the
+            majority class of no type by much).
         scale: SR scale; "setting1" widens its sigma range with it (2.0 / 3.0 / 4.0 for ×2 / ×3 / ×4).
         jpeg_backend: "auto", "torch" or "pillow" (see `DegradationConfig`).
     """
@@ -289,6 +292,35 @@ def preset(name: str = "realesrgan", scale: int = 4, jpeg_backend: str = "auto")
             stage1=_no_extra_stage(blur_prob=1.0, kernel=kernel),
             stage2=noise_stage,
             final=_bicubic_final(),
+            jpeg_backend=jpeg_backend,
+            name=name,
+        )
+    if name == "balanced":
+        # stage 1: isotropic Gaussian blur on the HR image; stage 2 (relative to the output size): the extra
+        # downscaling (level 1 - s for s in [0.25, 1)) and Gaussian noise; final: back to the output size, JPEG
+        kernel = KernelConfig(
+            kernel_types=("iso",), kernel_probs=(1.0,), sizes=(21,), sigma_range=(0.2, 3.0), sinc_prob=0.0
+        )
+        stage2 = _no_extra_stage(
+            resize_probs=(0.0, 0.5, 0.5),
+            resize_range=(0.25, 1.0),
+            resize_modes=("area", "bicubic_antialias"),
+            noise_prob=0.5,
+            gaussian_noise_prob=1.0,
+            noise_range=(1.0, 32.0),
+            gray_noise_prob=0.4,
+        )
+        final = FinalConfig(
+            resize_first_prob=1.0,
+            resize_modes=("bicubic_antialias",),
+            sinc_prob=0.0,
+            jpeg_prob=0.5,
+            jpeg_range=(30, 95),
+        )
+        return DegradationConfig(
+            stage1=_no_extra_stage(blur_prob=0.5, kernel=kernel),
+            stage2=stage2,
+            final=final,
             jpeg_backend=jpeg_backend,
             name=name,
         )

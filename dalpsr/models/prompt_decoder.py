@@ -4,8 +4,9 @@ After the restoration prompt alignment decoder of DaLPSR: queries are the vocabu
 degradation phrases ("Deblur with sigma 0.50~0.75", ...) embedded once by the CLIP text tower; N layers of
 cross-attention to the image's fine-grained degradation tokens plus an FFN turn each query into one logit.
 Differences: pre-norm layers with a learned per-candidate query offset; the candidate embeddings are a
-saved buffer, so inference needs no text tower; decoding picks, per type, the most probable bin when its
-probability reaches a threshold, else "none".
+saved buffer, so inference needs no text tower; decoding reports a type when its bins' probabilities
+sum to a threshold (the bins of a type exclude each other, so their sum estimates "present"; a model unsure
+between neighbouring bins still reports the type) and then names its most probable bin, else "none".
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
         num_heads: attention heads.
         mlp_ratio: FFN hidden size / `hidden_dim`.
         dropout: dropout in attention and FFN.
-        threshold: default decision threshold of `decode` on bin probabilities.
+        threshold: default decision threshold of `decode` on the summed bin probabilities of a type.
         candidate_phrases: the vocabulary the decoder was trained on; None takes the current
             `CANDIDATE_PHRASES`. A saved decoder whose phrases differ from the installed vocabulary refuses to load.
     """
@@ -113,7 +114,10 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
         n = len(phrases)
         self.register_buffer("candidate_embeds", torch.zeros(n, embed_dim))
         self.query_proj = nn.Linear(embed_dim, hidden_dim)
-        self.query_offset = nn.Parameter(torch.zeros(n, hidden_dim))
+        # random, not zero: with weak text embeddings (e.g. a text tower trained from scratch) the candidate
+        # queries are nearly equal, every logit then has the same gradient and the encoder only learns how many
+        # degradations an image has; distinct offsets break that symmetry from the first step (as DETR queries)
+        self.query_offset = nn.Parameter(torch.randn(n, hidden_dim))
         self.token_proj = nn.Linear(embed_dim, hidden_dim)
         self.layers = nn.ModuleList(
             CrossAttentionLayer(hidden_dim, num_heads, mlp_ratio, dropout) for _ in range(num_layers)
@@ -169,7 +173,8 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
 
         Args:
             features: `DegradationFeatures` from `DegradationEncoder` or degradation tokens B×K×D.
-            threshold: a type is reported when its most probable bin reaches it (default: config `threshold`).
+            threshold: a type is reported when the probabilities of its bins sum to at least this (default:
+                config `threshold`).
         """
         tokens = getattr(features, "degradation_tokens", features)
         threshold = self.config.threshold if threshold is None else float(threshold)
@@ -183,10 +188,10 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
 def prediction_from_probabilities(
     probabilities: torch.Tensor, threshold: float = 0.5, logits: torch.Tensor | None = None
 ) -> DegradationPrediction:
-    """Decode B×NUM_TYPES×NUM_BINS probabilities: per type the argmax bin if it reaches `threshold`."""
-    top, index = probabilities.max(dim=-1)
+    """Decode B×NUM_TYPES×NUM_BINS probabilities: per type the argmax bin if the bins sum to `threshold`."""
+    index = probabilities.argmax(dim=-1)
     labels = torch.zeros_like(probabilities)
-    present = top >= threshold
+    present = probabilities.sum(dim=-1) >= threshold
     labels.scatter_(-1, index.unsqueeze(-1), present.unsqueeze(-1).to(labels.dtype))
     labels = labels.cpu()
     return DegradationPrediction(
