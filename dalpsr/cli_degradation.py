@@ -163,6 +163,46 @@ def format_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def grid_crops(image, size: tuple[int, int], max_crops: int):
+    """Up to `max_crops` crops of `size` from a 3×H×W image, spread evenly over it (n×n grid, overlapping
+    when the image is not a multiple of `size`); the image itself when it is not larger than `size`."""
+    if not isinstance(max_crops, int) or max_crops < 1:
+        raise ValueError(f"`max_crops` must be a positive int; got {max_crops!r}.")
+    import torch
+
+    _, h, w = image.shape
+    th, tw = size
+    if h <= th and w <= tw:
+        return image.unsqueeze(0)
+    per_side = max(1, math.isqrt(max_crops))
+    rows = min(per_side, math.ceil(h / th)) if h > th else 1
+    cols = min(per_side, math.ceil(w / tw)) if w > tw else 1
+    tops = torch.linspace(0, max(0, h - th), rows).round().long().tolist()
+    lefts = torch.linspace(0, max(0, w - tw), cols).round().long().tolist()
+    return torch.stack([image[:, t : t + min(th, h), left : left + min(tw, w)] for t in tops for left in lefts])
+
+
+def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: float | None = None):
+    """`DegradationPrediction` of one 3×H×W image in [0, 1]: bin probabilities averaged over a grid of crops.
+
+    An encoder with `resize_mode="crop"` sees one centre crop of its input size; a larger image is read
+    through up to `max_crops` crops instead, so the report covers the whole image rather than its centre.
+    """
+    import torch
+
+    from dalpsr.models.prompt_decoder import prediction_from_probabilities
+
+    threshold = decoder.config.threshold if threshold is None else float(threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1); got {threshold}.")
+    crops = image.unsqueeze(0)
+    if encoder.config.resize_mode == "crop":
+        crops = grid_crops(image, encoder.image_size, max_crops)
+    with torch.no_grad():
+        logits = decoder(encoder.encode_images(crops.to(encoder.device)).degradation_tokens).float()
+    return prediction_from_probabilities(torch.sigmoid(logits).mean(0, keepdim=True), threshold)
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -230,8 +270,7 @@ def _run_describe(args) -> int:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        with torch.no_grad():
-            prediction = decoder.decode(encoder.encode_images(rgb.unsqueeze(0).to(encoder.device)), args.threshold)
+        prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold)
         report = {"image": str(path), **prediction.report(0)}
         if args.json:
             print(json.dumps(report))
@@ -254,6 +293,12 @@ def add_commands(subparsers) -> None:
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--threshold", type=float, default=None, help="summed bin probability needed to report a type")
+    p.add_argument(
+        "--max-crops",
+        type=int,
+        default=16,
+        help="average over up to this many crops of the encoder's input size (encoders that crop; default 16)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.set_defaults(func=_run_describe)

@@ -142,3 +142,31 @@ def test_degradation_metrics_known_values():
     assert down["detection_accuracy"] == 1.0 and down["detection_f1"] == 0.0 and down["bin_mae"] is None
     with pytest.raises(ValueError, match="labels must be"):
         degradation_metrics(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+
+
+def test_describe_image_averages_a_grid_of_crops():
+    from dalpsr.cli_degradation import describe_image, grid_crops
+    from dalpsr.testing import get_dummy_degradation_models
+
+    encoder, decoder = get_dummy_degradation_models()
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 80, 100, generator=g)
+    crops = grid_crops(image, (32, 32), 16)
+    assert crops.shape == (12, 3, 32, 32)  # 3 × 4 grid covers 80 × 100, corners included
+    assert torch.equal(crops[0], image[:, :32, :32]) and torch.equal(crops[-1], image[:, -32:, -32:])
+    assert grid_crops(image, (32, 32), 4).shape[0] == 4 and grid_crops(image, (32, 32), 1).shape[0] == 1
+    assert grid_crops(image[:, :20, :20], (32, 32), 16).shape == (1, 3, 20, 20)
+    with pytest.raises(ValueError, match="`max_crops`"):
+        grid_crops(image, (32, 32), 0)
+    # a 2×2 mosaic of one tile reads like the tile itself, whichever crops are taken
+    tile = torch.rand(3, 32, 32, generator=g)
+    mosaic = tile.repeat(1, 2, 2)
+    one = describe_image(encoder, decoder, tile)
+    many = describe_image(encoder, decoder, mosaic, max_crops=4)
+    torch.testing.assert_close(many.probabilities, one.probabilities, rtol=0, atol=1e-6)
+    # otherwise the probabilities are the mean over the crops
+    with torch.no_grad():
+        expected = torch.sigmoid(decoder(encoder.encode_images(grid_crops(image, (32, 32), 4)).degradation_tokens))
+    pred = describe_image(encoder, decoder, image, max_crops=4)
+    torch.testing.assert_close(pred.probabilities, expected.mean(0, keepdim=True), rtol=0, atol=1e-6)
+    assert pred.prompts == prediction_from_probabilities(expected.mean(0, keepdim=True)).prompts

@@ -122,5 +122,9 @@ def test_parse_args_validation(train):
                           "--daclip_checkpoint", "b"])  # fmt: skip
     with pytest.raises(FileNotFoundError, match="--model_config"):
         train.load_model_config("no_such_config.json")
-    assert train.load_model_config("degradation_encoder_tiny.json")["data"]["hr_size"] == 256
+    assert train.load_model_config("degradation_encoder_tiny.json")["data"] == {
+        "hr_size": 64,
+        "scale": 1,
+        "degradation": "balanced",
+    }
     assert train.load_model_config("degradation_encoder_vit_b32.json")["encoder"]["clip_model"] == "ViT-B-32"
