@@ -247,7 +247,6 @@ def _run_evaluate(args) -> int:
 
 
 def _run_describe(args) -> int:
-    import torch
 
     from dalpsr.image_io import list_images, load_image
 
