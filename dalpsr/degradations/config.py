@@ -239,8 +239,8 @@ def preset(name: str = "realesrgan", scale: int = 4, jpeg_backend: str = "auto")
         name: one of `PRESETS`: "realesrgan" (default), "light", "bicubic", "setting1" (isotropic Gaussian
             blur + bicubic), "setting2" (anisotropic Gaussian blur + bicubic + noise), "balanced" (for training the
             degradation encoder: blur, extra downscaling, noise and JPEG each present with probability 1/2,
-            independently, one parameter each, so every label follows from one visible cause and "none" is the
-            majority class of no type by much).
+            independently, one parameter each and never too faint to see at scale 1, so every label follows from
+            one visible cause and "none" is the majority class of no type by much).
         scale: SR scale; "setting1" widens its sigma range with it (2.0 / 3.0 / 4.0 for ×2 / ×3 / ×4).
         jpeg_backend: "auto", "torch" or "pillow" (see `DegradationConfig`).
     """
@@ -297,17 +297,19 @@ def preset(name: str = "realesrgan", scale: int = 4, jpeg_backend: str = "auto")
         )
     if name == "balanced":
         # stage 1: isotropic Gaussian blur on the HR image; stage 2 (relative to the output size): the extra
-        # downscaling (level 1 - s for s in [0.25, 1)) and Gaussian noise; final: back to the output size, JPEG
+        # downscaling (level 1 - s, s in [0.25, 0.75]) and Gaussian noise; final: back to the output size, JPEG.
+        # A present degradation is always visible at scale 1: blur sigma >= 0.75 px, noise sigma >= 4, downscale
+        # level >= 0.25, JPEG quality <= 89 (fainter ones would be labelled yet indistinguishable from none)
         kernel = KernelConfig(
-            kernel_types=("iso",), kernel_probs=(1.0,), sizes=(21,), sigma_range=(0.2, 3.0), sinc_prob=0.0
+            kernel_types=("iso",), kernel_probs=(1.0,), sizes=(21,), sigma_range=(0.75, 3.0), sinc_prob=0.0
         )
         stage2 = _no_extra_stage(
             resize_probs=(0.0, 0.5, 0.5),
-            resize_range=(0.25, 1.0),
+            resize_range=(0.25, 0.75),
             resize_modes=("area", "bicubic_antialias"),
             noise_prob=0.5,
             gaussian_noise_prob=1.0,
-            noise_range=(1.0, 32.0),
+            noise_range=(4.0, 32.0),
             gray_noise_prob=0.4,
         )
         final = FinalConfig(
@@ -315,7 +317,7 @@ def preset(name: str = "realesrgan", scale: int = 4, jpeg_backend: str = "auto")
             resize_modes=("bicubic_antialias",),
             sinc_prob=0.0,
             jpeg_prob=0.5,
-            jpeg_range=(30, 95),
+            jpeg_range=(30, 89),
         )
         return DegradationConfig(
             stage1=_no_extra_stage(blur_prob=0.5, kernel=kernel),
