@@ -125,3 +125,14 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert main(["make-pairs", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert main(["make-pairs", str(hr), str(tmp_path / "o"), "--size", "2"]) == 2
     assert "`size`" in capsys.readouterr().err
+
+
+def test_resume_removes_orphaned_temporary_files(tmp_path):
+    hr = _make_hr_folder(tmp_path / "hr", n=1, size=(64, 64))
+    args = ["--crops", "1", "--size", "64", "--no-progress"]
+    out = tmp_path / "out"
+    assert main(["make-pairs", str(hr), str(out), *args]) == 0
+    for sub in ("hr", "lr"):  # as a SIGKILL during an atomic write leaves them
+        (out / sub / ".img9_c000.png.k3j2x1.tmp").write_bytes(b"partial")
+    assert main(["make-pairs", str(hr), str(out), *args]) == 0
+    _snapshot(out)

@@ -185,6 +185,11 @@ def make_pairs(
                 f"`out_dir` {str(out_dir)!r} holds a run with different settings ({changed}); "
                 "use a new folder or the same settings to resume."
             )
+        # a killed run can leave the temporary file of a write in flight; its pair is not in the metadata, so it is
+        # written again, and the orphan goes (one make-pairs run per folder at a time)
+        for folder in (out_dir, out_dir / "hr", out_dir / "lr"):
+            for orphan in folder.glob(".*.tmp"):
+                orphan.unlink(missing_ok=True)
     else:
         atomic_write_bytes(run_file, settings_text.encode())
 
