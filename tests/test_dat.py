@@ -13,14 +13,7 @@ from dalpsr.weights.dat import convert_dat_checkpoint, infer_dat_config, load_da
 spandrel = pytest.importorskip("spandrel")
 from spandrel.architectures.DAT import DAT as RefDAT  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny; on a shared few-core machine one thread is ~10x faster than oversubscribed ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 _FIXED = ("rpe_biases", "relative_position_index", "num_batches_tracked", "attn_mask_0", "attn_mask_1")

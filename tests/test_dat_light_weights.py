@@ -23,12 +23,7 @@ REALSR = Path(__file__).resolve().parents[2] / "shared" / "data" / "paired" / "R
 PAIRS = ["Nikon_043_LR4.png", "Canon_040_LR4.png"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "degradation_tiny"
 HELD_OUT = ("coffee", "gravel", "rocket")  # scikit-image samples held out of the training set (model card)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

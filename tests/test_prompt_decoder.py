@@ -17,12 +17,7 @@ TINY = {
 N = vocabulary.NUM_TYPES * vocabulary.NUM_BINS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decoder_with_candidates(seed: int = 0) -> RestorationPromptDecoder:

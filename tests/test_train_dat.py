@@ -37,12 +37,7 @@ def train():
     return load_script()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photo(h: int, w: int, i: int, rng) -> np.ndarray:

@@ -70,12 +70,7 @@ def args_for(train, data: Path, out: Path, *extra: str):
     )  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_checkpoint_resume_and_cli(train, data, tmp_path, capsys):
