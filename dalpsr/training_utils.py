@@ -1,4 +1,5 @@
-"""Checkpoint folders shared by the training scripts (`training/train_*.py`).
+"""Pieces shared by the training scripts (`training/train_*.py`): checkpoint folders, run arguments and configs,
+and the resumable epoch order.
 
 A checkpoint is written as `checkpoint-N.partial` and renamed to `checkpoint-N` once complete, so an interrupted
 save never looks like a checkpoint to `--resume_from_checkpoint latest`; old checkpoints beyond the limit are removed
@@ -7,10 +8,15 @@ only after the new one is in place.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import re
 import shutil
 from pathlib import Path
+
+import torch
+from torch.utils.data import Sampler
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -90,3 +96,53 @@ def resume_state(accelerator, output_dir: str | Path, value: str | None) -> int:
     accelerator.load_state(str(path))
     logger.info("resumed from %s", path)
     return checkpoint_step(path)
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Precision, checkpointing, resuming, validation/logging cadence and tracking: the same in every script."""
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder or "latest"')
+    p.add_argument("--validation_steps", type=int, default=500)
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
+
+
+def require_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """ValueError naming the first of `names` (argument names) that is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name}` must be >= 1; got {getattr(args, name)}.")
+
+
+def read_model_config(name_or_path: str) -> tuple[Path, dict]:
+    """(path, parsed JSON) of a run config: a file path, or a file name among the configs in `dalpsr.configs`."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        from importlib.resources import files
+
+        shipped = Path(str(files("dalpsr.configs") / name_or_path))
+        if not shipped.is_file():
+            raise FileNotFoundError(
+                f"`--model_config` {name_or_path!r} is neither a file nor a config in dalpsr.configs."
+            )
+        path = shipped
+    return path, json.loads(path.read_text())
+
+
+class EpochPermutation(Sampler):
+    """A fresh permutation per epoch from (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())

@@ -27,9 +27,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Sampler
+from torch.utils.data import ConcatDataset, DataLoader
 
-from dalpsr.training_utils import resume_state, save_checkpoint
+from dalpsr.training_utils import (
+    EpochPermutation,
+    add_run_arguments,
+    read_model_config,
+    require_positive,
+    resume_state,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,26 +88,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lpips_weight", type=float, default=0.1, help="used only when the LPIPS weight files exist")
     p.add_argument("--iqa_weights_dir", default=None, help="TORCH_HOME-style folder with hub/pyiqa (LPIPS)")
     p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA")
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder or "latest"')
-    p.add_argument("--validation_steps", type=int, default=500)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
+    add_run_arguments(p)
     args = p.parse_args(input_args)
-    for name in (
-        "max_train_steps",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_steps",
-        "validation_samples",
-        "crops_per_image",
-        "logging_steps",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1; got {getattr(args, name)}.")
+    require_positive(
+        args,
+        (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "validation_steps",
+            "validation_samples",
+            "crops_per_image",
+            "logging_steps",
+        ),
+    )
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1); got {args.ema_decay}.")
     if args.l1_weight < 0 or args.lpips_weight < 0:
@@ -114,17 +116,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_model_config(name_or_path: str) -> dict:
     """A run config from a path, or by file name from the configs shipped as `dalpsr.configs`."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        from importlib.resources import files
-
-        shipped = Path(str(files("dalpsr.configs") / name_or_path))
-        if not shipped.is_file():
-            raise FileNotFoundError(
-                f"`--model_config` {name_or_path!r} is neither a file nor a config in dalpsr.configs."
-            )
-        path = shipped
-    cfg = json.loads(path.read_text())
+    path, cfg = read_model_config(name_or_path)
     unknown = set(cfg) - CONFIG_SECTIONS
     if unknown or "dat" not in cfg:
         raise ValueError(
@@ -166,23 +158,6 @@ def paired_files(root: str | os.PathLike, scale: int) -> list[tuple[str, Path, P
     if not pairs:
         raise ValueError(f"`--validation_data_dir` {root}: no file name is in both hr/ and lr_x{scale}/.")
     return pairs
-
-
-class EpochPermutation(Sampler):
-    """A fresh permutation per epoch from (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def build_lpips(weight: float, weights_dir: str | None, device):

@@ -24,9 +24,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from dalpsr.training_utils import resume_state, save_checkpoint
+from dalpsr.training_utils import (
+    EpochPermutation,
+    add_run_arguments,
+    read_model_config,
+    require_positive,
+    resume_state,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,27 +75,22 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bce_weight", type=float, default=1.0)
     p.add_argument("--degradation_contrastive_weight", type=float, default=1.0)
     p.add_argument("--content_contrastive_weight", type=float, default=1.0)
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint-N folder or "latest"')
-    p.add_argument("--validation_steps", type=int, default=500)
     p.add_argument("--validation_samples", type=int, default=200)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
+    add_run_arguments(p)
     args = p.parse_args(input_args)
-    for name in (
-        "max_train_steps",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_steps",
-        "validation_samples",
-        "crops_per_image",
-        "logging_steps",
-    ):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name}` must be >= 1; got {getattr(args, name)}.")
+    require_positive(
+        args,
+        (
+            "max_train_steps",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "validation_steps",
+            "validation_samples",
+            "crops_per_image",
+            "logging_steps",
+        ),
+    )
     if args.pretrained_open_clip and args.daclip_checkpoint:
         raise ValueError("Give at most one of `--pretrained_open_clip` and `--daclip_checkpoint`.")
     return args
@@ -96,17 +98,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 def load_model_config(name_or_path: str) -> dict:
     """A model config from a path, or by file name from the configs shipped as `dalpsr.configs`."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        from importlib.resources import files
-
-        shipped = Path(str(files("dalpsr.configs") / name_or_path))
-        if not shipped.is_file():
-            raise FileNotFoundError(
-                f"`--model_config` {name_or_path!r} is neither a file nor a config in dalpsr.configs."
-            )
-        path = shipped
-    cfg = json.loads(path.read_text())
+    path, cfg = read_model_config(name_or_path)
     unknown = set(cfg) - {"encoder", "decoder", "data"}
     if unknown or "encoder" not in cfg or "decoder" not in cfg:
         raise ValueError(
@@ -131,23 +123,6 @@ class SourcedCrops(Dataset):
         item = self.pairs[index]
         item["source"] = self.pairs.paths[index // self.pairs.crops_per_image].relative_to(self.pairs.root).as_posix()
         return item
-
-
-class EpochPermutation(Sampler):
-    """A fresh permutation per epoch from (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def multi_positive_infonce(image_embeds: torch.Tensor, texts: list[str], text_embeds: dict, scale: torch.Tensor):
