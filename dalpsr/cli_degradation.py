@@ -7,6 +7,7 @@ crop size, scale and degradation preset it was trained with, used as evaluation 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -193,8 +194,6 @@ def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: floa
     from dalpsr.models.prompt_decoder import prediction_from_probabilities
 
     threshold = decoder.config.threshold if threshold is None else float(threshold)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"`threshold` must be in (0, 1); got {threshold}.")
     crops = image.unsqueeze(0)
     if encoder.config.resize_mode == "crop":
         crops = grid_crops(image, encoder.image_size, max_crops)
@@ -281,6 +280,14 @@ def _run_describe(args) -> int:
     return 1 if failed else 0
 
 
+def _threshold(text: str) -> float:
+    """argparse type for `--threshold`: a probability strictly between 0 and 1."""
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1); got {text}")
+    return value
+
+
 def add_commands(subparsers) -> None:
     """Register `describe` and `evaluate-degradation`."""
     model_help = f"folder with {ENCODER_SUBFOLDER}/ and {DECODER_SUBFOLDER}/ (default: the shipped small model)"
@@ -291,7 +298,7 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("images", nargs="+", help="image files or folders")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--threshold", type=float, default=None, help="summed bin probability needed to report a type")
+    p.add_argument("--threshold", type=_threshold, default=None, help="summed bin probability needed to report a type")
     p.add_argument(
         "--max-crops",
         type=int,
@@ -315,7 +322,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--crop-size", type=int, default=None, help="HR crop size (default: the model's training size)")
     p.add_argument("--scale", type=int, default=None, help="SR scale (default: the model's, else 4)")
     p.add_argument("--degradation", default=None, help="degradation preset (default: the model's, else realesrgan)")
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--threshold", type=_threshold, default=None, help="summed bin probability needed to report a type")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     p.add_argument("--recursive", action="store_true", help="include sub-folders of --images")

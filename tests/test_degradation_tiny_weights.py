@@ -84,3 +84,9 @@ def test_describe_tells_noise_from_a_clean_photo(models, tmp_path, capsys):
     assert main(["describe", str(path), "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["types"]["noise"]["bin"] in (2, 3) and "Denoise with sigma" in report["prompt"]
+
+
+def test_threshold_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["describe", "photo.png", "--threshold", "2"])
+    assert exit_info.value.code == 2 and "--threshold: must be in (0, 1); got 2" in capsys.readouterr().err

@@ -178,8 +178,6 @@ class RestorationPromptDecoder(ModelMixin, ConfigMixin):
         """
         tokens = getattr(features, "degradation_tokens", features)
         threshold = self.config.threshold if threshold is None else float(threshold)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"`threshold` must be in (0, 1); got {threshold}.")
         logits = self(tokens).float()
         probs = torch.sigmoid(logits)
         return prediction_from_probabilities(probs, threshold, logits)
@@ -189,6 +187,8 @@ def prediction_from_probabilities(
     probabilities: torch.Tensor, threshold: float = 0.5, logits: torch.Tensor | None = None
 ) -> DegradationPrediction:
     """Decode B×NUM_TYPES×NUM_BINS probabilities: per type the argmax bin if the bins sum to `threshold`."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"`threshold` must be in (0, 1); got {threshold}.")
     index = probabilities.argmax(dim=-1)
     labels = torch.zeros_like(probabilities)
     present = probabilities.sum(dim=-1) >= threshold
