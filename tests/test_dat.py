@@ -131,6 +131,11 @@ def test_infer_config_custom():
     state = DAT(**cfg).state_dict()
     assert infer_dat_config(state) == cfg
     assert set(state) == set(RefDAT(**cfg).state_dict())
+    # two blocks per group: the only shift masks are in group 1 (block 0), none in group 0
+    cfg.update(depth=[2, 2], num_heads=[2, 2])
+    state = DAT(**cfg).state_dict()
+    assert not any(k.startswith("layers.0.") and "attn_mask" in k for k in state)
+    assert infer_dat_config(state) == cfg
 
 
 def test_load_official_layout_pth(tmp_path):

@@ -45,8 +45,8 @@ def _count(state: dict[str, Tensor], prefix: str) -> int:
 def infer_dat_config(state: dict[str, Tensor]) -> dict:
     """DAT constructor arguments from a state dict (keys as in the official `dat_arch.py`).
 
-    `img_size` is read from a stored shift mask (64 when the first group has fewer than 3 blocks, the
-    official value); the drop rates are training settings and stay at their defaults.
+    `img_size` is read from any stored shift mask (64, the official value, when the state dict holds none, e.g.
+    weights saved without them); the drop rates are training settings and stay at their defaults.
     """
     required = ("conv_first.weight", "layers.0.blocks.0.attn.attns.0.rpe_biases", "norm.weight")
     missing = [k for k in required if k not in state]
@@ -63,8 +63,9 @@ def infer_dat_config(state: dict[str, Tensor]) -> dict:
     split = (state["layers.0.blocks.0.attn.attns.0.rpe_biases"].max(dim=0).values + 1).tolist()
     split_size = [int(s) for s in split]
     img_size = 64
-    mask = state.get("layers.0.blocks.2.attn.attn_mask_0")
-    if mask is not None:
+    mask_key = next((k for k in state if re.fullmatch(r"layers\.\d+\.blocks\.\d+\.attn\.attn_mask_0", k)), None)
+    if mask_key is not None:
+        mask = state[mask_key]
         img_size = math.isqrt(mask.shape[0] * mask.shape[1])
     expansion_factor = state["layers.0.blocks.0.ffn.fc1.weight"].shape[0] / embed_dim
     resi_connection = "1conv" if "conv_after_body.weight" in state else "3conv"
