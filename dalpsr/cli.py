@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # diffusers imports bitsandbytes when it is installed (pyiqa depends on it); on CPUs with AVX512-BF16 its import
+    # warns that an optional CPU 4-bit kernel is missing, on every command. dalpsr quantises only on CUDA.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
