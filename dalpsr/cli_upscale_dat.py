@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DAT_MODEL_ENV = "DALPSR_DAT_MODEL"
-DEFAULT_DAT_SUBFOLDER = "dat_light_x4"
+DEFAULT_DAT_SUBFOLDER = "degradation_tiny"
 
 
 @dataclass

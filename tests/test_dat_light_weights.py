@@ -1,4 +1,5 @@
-"""The DAT-light ×4 weights shipped in `weights/dat_light_x4/`: found by default, load, beat bicubic on real pairs."""
+"""The DAT-light ×4 restorers shipped in `weights/`: plain `dat_light_x4/` and the default DAT+fusion one in
+`degradation_tiny/restorer/` (with the shipped degradation encoder): found, load, beat bicubic on real pairs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dalpsr.cli_upscale_dat import resolve_dat_model
 from dalpsr.models.dat import DAT
 from dalpsr.models.fusion import load_restorer
 
-SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "dat_light_x4"
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+SHIPPED = WEIGHTS / "degradation_tiny"
 REALSR = Path(__file__).resolve().parents[2] / "shared" / "data" / "paired" / "RealSR"
 # whole 128×128 real LR / 512×512 HR pairs whose gain over bicubic is near the median of the 50 RealSR pairs
 # (+0.20 dB and +0.13 dB PSNR); small crops are not used because DAT loses context at their borders
@@ -26,20 +28,20 @@ PAIRS = ["Nikon_043_LR4.png", "Canon_040_LR4.png"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    model, encoder = load_restorer(SHIPPED)
-    return model, encoder
+@pytest.fixture(scope="module", params=["degradation_tiny", "dat_light_x4"])
+def shipped(request):
+    return load_restorer(WEIGHTS / request.param)
 
 
 def test_shipped_weights_are_the_default_and_small(shipped, monkeypatch):
     monkeypatch.delenv("DALPSR_DAT_MODEL", raising=False)
     assert Path(resolve_dat_model(argparse.Namespace(dat_model=None))).resolve() == SHIPPED.resolve()
-    weight_files = list(SHIPPED.glob("*.safetensors"))
+    weight_files = list((SHIPPED / "restorer").glob("*.safetensors"))
     assert len(weight_files) == 1 and weight_files[0].stat().st_size < 20 * 2**20
     assert (SHIPPED / "README.md").is_file()
     model, encoder = shipped
-    assert encoder is None and not model.needs_features and model.scale == 4
+    # the default has fusion blocks fed by the shipped encoder; dat_light_x4 is its plain starting point
+    assert (encoder is not None) == model.needs_features and model.scale == 4
     preset = DAT.preset_config("dat_light", 4)
     assert {k: model.dat.config[k] for k in ("embed_dim", "depth", "num_heads", "split_size")} == {
         k: preset[k] for k in ("embed_dim", "depth", "num_heads", "split_size")
@@ -61,7 +63,7 @@ def test_shipped_weights_beat_bicubic_on_real_pairs(shipped):
     from dalpsr.evaluation.metrics import MetricProtocol, build_metrics, score
     from dalpsr.image_io import load_image
 
-    model, _ = shipped
+    model, encoder = shipped
     protocol = MetricProtocol(color="y", color_space="ycbcr", crop_border=4, round_8bit=True)
     metrics, errors = build_metrics(["psnr", "ssim"], protocol)
     assert not errors
@@ -70,7 +72,7 @@ def test_shipped_weights_beat_bicubic_on_real_pairs(shipped):
         lr = load_image(REALSR / "lr_x4" / name).rgb
         hr = load_image(REALSR / "hr" / name).rgb
         with torch.no_grad():
-            sr = model.super_resolve(lr[None])[0].clamp(0, 1)
+            sr = model.super_resolve(lr[None], encoder=encoder)[0].clamp(0, 1)
         bic = F.interpolate(lr[None], scale_factor=4, mode="bicubic", align_corners=False)[0].clamp(0, 1)
         assert sr.shape == hr.shape
         for key, metric in metrics.items():
