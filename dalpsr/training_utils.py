@@ -109,6 +109,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
 
 
+# counts both training scripts take and require to be positive
+COUNT_ARGUMENTS = (
+    "max_train_steps",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "checkpointing_steps",
+    "validation_steps",
+    "validation_samples",
+    "crops_per_image",
+    "logging_steps",
+)
+
+
 def require_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """ValueError naming the first of `names` (argument names) that is below 1."""
     for name in names:

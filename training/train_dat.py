@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
 from dalpsr.training_utils import (
+    COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
     read_model_config,
@@ -90,19 +91,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA")
     add_run_arguments(p)
     args = p.parse_args(input_args)
-    require_positive(
-        args,
-        (
-            "max_train_steps",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "checkpointing_steps",
-            "validation_steps",
-            "validation_samples",
-            "crops_per_image",
-            "logging_steps",
-        ),
-    )
+    require_positive(args, COUNT_ARGUMENTS)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1); got {args.ema_decay}.")
     if args.l1_weight < 0 or args.lpips_weight < 0:

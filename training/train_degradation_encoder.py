@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from dalpsr.training_utils import (
+    COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
     read_model_config,
@@ -78,19 +79,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation_samples", type=int, default=200)
     add_run_arguments(p)
     args = p.parse_args(input_args)
-    require_positive(
-        args,
-        (
-            "max_train_steps",
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "checkpointing_steps",
-            "validation_steps",
-            "validation_samples",
-            "crops_per_image",
-            "logging_steps",
-        ),
-    )
+    require_positive(args, COUNT_ARGUMENTS)
     if args.pretrained_open_clip and args.daclip_checkpoint:
         raise ValueError("Give at most one of `--pretrained_open_clip` and `--daclip_checkpoint`.")
     return args
