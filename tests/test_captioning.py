@@ -25,6 +25,7 @@ from dalpsr.captioning import (
     image_content_sha256,
     load_captions,
 )
+from dalpsr.captioning import captioner as captioner_module
 from dalpsr.testing import get_dummy_blip2, get_dummy_captioner, get_dummy_llava, get_dummy_tokenizer
 
 SHARED = Path(__file__).parents[2] / "shared" / "data"
@@ -435,7 +436,7 @@ def test_cli_caption_resumes_and_reports_bad_files(tmp_path, llava_dir, captione
     assert captions["b.jpg"] == Captioner.from_pretrained(str(llava_dir), max_new_tokens=12)(images / "b.jpg")[0]
 
     # Rerun: everything is cached, the model is never loaded; the bad file still fails the run.
-    monkeypatch.setattr(captioning, "load_caption_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(captioner_module, "load_caption_model", lambda *a, **k: pytest.fail("model loaded"))
     assert main(args) == 1
     assert "0 captioned, 3 already" in capsys.readouterr().out
     (images / "broken.png").unlink()
