@@ -39,11 +39,14 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from dalpsr.models.cdsr import DQABlock, embedding_compressor
 from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, tiled_forward
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
 
 logger = logging.getLogger(__name__)
 
+FUSION_TYPES = ("srclip", "dqa", None)
+FEATURE_SOURCES = ("clip", "lpe")
 RESTORER_SUBFOLDER = "restorer"
 ENCODER_SUBFOLDER = "degradation_encoder"
 _DAT_ARGS = tuple(n for n in inspect.signature(DAT.__init__).parameters if n != "self")
@@ -179,6 +182,16 @@ class DATRestorer(ModelMixin, ConfigMixin):
         fusion_attn_drop_rate: attention dropout in the fusion blocks.
         fusion_drop_path_rate: stochastic depth of the fusion blocks.
         normalize_features: L2-normalise the content embedding and degradation tokens first (as RealDAT).
+        fusion: "srclip" (the fusion blocks above), "dqa" (CDSR's Domain Query Attention blocks,
+            `dalpsr.models.cdsr.DQABlock`, zero-initialised) or None (no fusion: plain DAT, whatever
+            `fusion_layers` says).
+        feature_source: what feeds the fusion: "clip" (a `DegradationFeatures` of the shared `DegradationEncoder`;
+            for "dqa" its L2-normalised content and degradation embeddings concatenated, 2·D wide) or "lpe" (the
+            B×D embedding of a `dalpsr.models.cdsr.LightweightPatchEncoder`; "dqa" only).
+        dqa_hidden_dim: width of the DQA embedding compressor and of each block's embedding map.
+        dqa_compress_layers: Linear → PReLU layers of the DQA embedding compressor (CDSR: 4).
+        dqa_kernel_size: DQA kernel edge.
+        dqa_reduction: DQA channel-attention ratio.
     """
 
     _supports_gradient_checkpointing = True
@@ -196,8 +209,23 @@ class DATRestorer(ModelMixin, ConfigMixin):
         fusion_attn_drop_rate: float = 0.0,
         fusion_drop_path_rate: float = 0.0,
         normalize_features: bool = True,
+        fusion: str | None = "srclip",
+        feature_source: str = "clip",
+        dqa_hidden_dim: int = 128,
+        dqa_compress_layers: int = 4,
+        dqa_kernel_size: int = 3,
+        dqa_reduction: int = 2,
     ):
         super().__init__()
+        if fusion not in FUSION_TYPES:
+            raise ValueError(f"`fusion` must be one of {FUSION_TYPES}; got {fusion!r}.")
+        if feature_source not in FEATURE_SOURCES:
+            raise ValueError(f"`feature_source` must be one of {FEATURE_SOURCES}; got {feature_source!r}.")
+        if fusion == "srclip" and feature_source != "clip":
+            raise ValueError(
+                f"`feature_source`={feature_source!r} needs `fusion='dqa'`: SRCLIP fusion reads the CLIP encoder's "
+                "content embedding and degradation tokens."
+            )
         if dat_config is None:
             dat_config = DAT.preset_config("dat_light", 4)
         if not isinstance(dat_config, dict):
@@ -210,17 +238,39 @@ class DATRestorer(ModelMixin, ConfigMixin):
         self.dat = DAT(**dat_config)
         dim, groups = self.dat.config.embed_dim, len(self.dat.layers)
         layers = list(range(groups)) if fusion_layers is None else list(fusion_layers)
+        if fusion is None:
+            layers = []
         if any(not isinstance(i, int) or not 0 <= i < groups for i in layers) or len(set(layers)) != len(layers):
             raise ValueError(
                 f"`fusion_layers` must be distinct residual-group indices in [0, {groups}); got {fusion_layers!r}."
             )
         inner = int(dim * fusion_attn_ratio)
-        if layers and (fusion_num_heads < 1 or dim % fusion_num_heads or inner < 1 or inner % fusion_num_heads):
+        if (
+            layers
+            and fusion == "srclip"
+            and (fusion_num_heads < 1 or dim % fusion_num_heads or inner < 1 or inner % fusion_num_heads)
+        ):
             raise ValueError(
                 f"`fusion_num_heads`={fusion_num_heads} must divide embed_dim={dim} and "
                 f"embed_dim*fusion_attn_ratio={inner}."
             )
         self.fusion_groups = sorted(layers)
+        if fusion == "dqa":
+            self.feature_proj = None
+            self.dqa_compress = None
+            if layers:
+                width = 2 * context_dim if feature_source == "clip" else context_dim
+                self.dqa_compress = embedding_compressor(width, dqa_hidden_dim, dqa_compress_layers)
+            self.fusion_blocks = nn.ModuleDict(
+                {
+                    str(i): DQABlock(
+                        dim, dqa_hidden_dim, dqa_hidden_dim, dqa_kernel_size, dqa_reduction, zero_init=True
+                    )
+                    for i in self.fusion_groups
+                }
+            )
+            return
+        self.dqa_compress = None
         self.feature_proj = FeatureProjection(context_dim, dim) if layers else None
         self.fusion_blocks = nn.ModuleDict(
             {
@@ -278,7 +328,9 @@ class DATRestorer(ModelMixin, ConfigMixin):
             batch_size: expand single-image features to this batch size (None: keep).
         """
         if self.feature_proj is None:
-            raise ValueError("This restorer has no fusion blocks (`fusion_layers` is empty); it takes no features.")
+            raise ValueError(
+                "This restorer has no SRCLIP fusion blocks (`fusion_layers` is empty, or `fusion` is not 'srclip')."
+            )
         content = getattr(features, "content_embeds", None)
         degradation = getattr(features, "degradation_tokens", None)
         if not isinstance(content, Tensor) or not isinstance(degradation, Tensor):
@@ -309,7 +361,58 @@ class DATRestorer(ModelMixin, ConfigMixin):
             degradation = degradation.expand(batch_size, -1, -1)
         return content, degradation
 
-    def _fusion_hook(self, content: Tensor, degradation: Tensor) -> PreGroupHook:
+    def dqa_embedding(self, features: DegradationFeatures | Tensor, batch_size: int | None = None) -> Tensor:
+        """The compressed DQA embedding (B, dqa_hidden_dim) from CLIP features or an LPE embedding.
+
+        Args:
+            features: a `DegradationFeatures` (`feature_source="clip"`) or a B×D LPE embedding ("lpe").
+            batch_size: expand single-image features to this batch size (None: keep).
+        """
+        if self.dqa_compress is None:
+            raise ValueError("This restorer has no DQA blocks (`fusion` is not 'dqa' or `fusion_layers` is empty).")
+        d = self.config.context_dim
+        if self.config.feature_source == "lpe":
+            if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
+                got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+                raise ValueError(
+                    f"`features` must be an LPE embedding B×{d} (context_dim) for feature_source='lpe'; got {got}."
+                )
+            embedding = features
+        else:
+            content = getattr(features, "content_embeds", None)
+            degradation = getattr(features, "degradation_embeds", None)
+            if not isinstance(content, Tensor) or not isinstance(degradation, Tensor):
+                raise TypeError(
+                    "`features` must be a DegradationFeatures for feature_source='clip'; got "
+                    f"{type(features).__name__}."
+                )
+            if content.ndim != 2 or content.shape != degradation.shape or content.shape[-1] != d:
+                raise ValueError(
+                    f"`features` must have content_embeds and degradation_embeds B×{d} (context_dim); got "
+                    f"{tuple(content.shape)} and {tuple(degradation.shape)}."
+                )
+            embedding = torch.cat([F.normalize(content, dim=-1), F.normalize(degradation, dim=-1)], dim=-1)
+        weight = self.dqa_compress[0].weight
+        embedding = self.dqa_compress(embedding.to(weight.device, weight.dtype))
+        if batch_size is not None and embedding.shape[0] != batch_size:
+            if embedding.shape[0] != 1:
+                raise ValueError(f"`features` are for {embedding.shape[0]} images but `lr` has {batch_size}.")
+            embedding = embedding.expand(batch_size, -1)
+        return embedding
+
+    def _fusion_hook(self, *cond: Tensor) -> PreGroupHook:
+        if self.config.fusion == "dqa":
+            (embedding,) = cond
+
+            def dqa_hook(group: int, tokens: Tensor, size: tuple[int, int]) -> Tensor:
+                if str(group) not in self.fusion_blocks:
+                    return tokens
+                b, n, c = tokens.shape
+                x = tokens.transpose(1, 2).reshape(b, c, *size)  # B, C, H, W
+                return self.fusion_blocks[str(group)](x, embedding).flatten(2).transpose(1, 2)
+
+            return dqa_hook
+        content, degradation = cond
         state = {"content": content, "degradation": degradation}
 
         def hook(group: int, tokens: Tensor, size: tuple[int, int]) -> Tensor:
@@ -323,7 +426,7 @@ class DATRestorer(ModelMixin, ConfigMixin):
 
     def _conditioning(
         self, lr: Tensor, features: DegradationFeatures | None, encoder: DegradationEncoder | None
-    ) -> tuple[Tensor, Tensor] | None:
+    ) -> tuple[Tensor, ...] | None:
         if not self.needs_features:
             return None
         if features is None:
@@ -334,6 +437,8 @@ class DATRestorer(ModelMixin, ConfigMixin):
                 )
             with torch.no_grad():
                 features = encoder.encode_images(lr.float().clamp(0, 1))
+        if self.config.fusion == "dqa":
+            return (self.dqa_embedding(features, batch_size=lr.shape[0]),)
         return self.project_features(features, batch_size=lr.shape[0])
 
     # ------------------------------------------------------------------------------------------ forward
