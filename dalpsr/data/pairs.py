@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from dalpsr.degradations.cli import crop_seed
 from dalpsr.degradations.config import DegradationConfig, preset
 from dalpsr.degradations.kernels import randint
 from dalpsr.degradations.pipeline import degrade_image
 from dalpsr.degradations.vocabulary import text_to_labels
 from dalpsr.image_io import list_images, load_image
+from dalpsr.runtime import derive_seed
 
 
 class HRFolderPairs(Dataset):
@@ -26,8 +27,9 @@ class HRFolderPairs(Dataset):
 
     Item `i` is crop `i % crops_per_image` of image `i // crops_per_image`; its crop position and
     degradation come from a seed derived from (`seed`, epoch, image path, crop index), so items are
-    reproducible and change with `set_epoch`. With `degrade=False` items carry only "hr", "seed" and
-    "name", for batched degradation in the training loop: `degrade(batch["hr"].to(device), seeds=batch["seed"])`.
+    reproducible and change with `set_epoch`. Items carry "source", the image path relative to `root`. With
+    `degrade=False` items carry only "hr", "seed", "name" and "source", for batched degradation in the training
+    loop: `degrade(batch["hr"].to(device), seeds=batch["seed"])`.
 
     Args:
         root: folder of HR images.
@@ -38,6 +40,7 @@ class HRFolderPairs(Dataset):
         seed: base seed.
         recursive: include sub-folders.
         degrade: synthesise the LR in `__getitem__` (True) or leave it to the caller (False).
+        paths: the images to use, inside `root` (default: every image in it).
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class HRFolderPairs(Dataset):
         seed: int = 0,
         recursive: bool = False,
         degrade: bool = True,
+        paths: Sequence[str | os.PathLike] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
@@ -58,7 +62,10 @@ class HRFolderPairs(Dataset):
             raise ValueError(f"`size` must be a positive multiple of `scale` ({scale}); got {size}.")
         if crops_per_image < 1:
             raise ValueError(f"`crops_per_image` must be >= 1; got {crops_per_image}.")
-        self.paths = list_images([self.root], recursive=recursive)
+        self.paths = list_images([self.root], recursive=recursive) if paths is None else [Path(q) for q in paths]
+        outside = [q for q in self.paths if not q.resolve().is_relative_to(self.root.resolve())]
+        if outside:
+            raise ValueError(f"`paths` must lie inside `root` {str(root)!r}; got {str(outside[0])!r}.")
         if not self.paths:
             raise ValueError(f"`root` {str(root)!r} holds no images.")
         self.size, self.scale, self.seed = size, scale, seed
@@ -79,7 +86,7 @@ class HRFolderPairs(Dataset):
             raise IndexError(f"`index` {index} out of range for {len(self)} items.")
         path = self.paths[index // self.crops_per_image]
         source = path.relative_to(self.root).as_posix()
-        seed = crop_seed(self.seed * 1_000_003 + self.epoch, source, index % self.crops_per_image)
+        seed = derive_seed(self.seed, self.epoch, source, index % self.crops_per_image)
         rgb = load_image(path).rgb
         _, h, w = rgb.shape
         if min(h, w) < self.size:
@@ -87,7 +94,7 @@ class HRFolderPairs(Dataset):
         g = torch.Generator().manual_seed(seed)
         top, left = randint(g, 0, h - self.size), randint(g, 0, w - self.size)
         hr = rgb[:, top : top + self.size, left : left + self.size].contiguous()
-        item = {"hr": hr, "seed": seed, "name": f"{path.stem}_{index % self.crops_per_image}"}
+        item = {"hr": hr, "seed": seed, "name": f"{path.stem}_{index % self.crops_per_image}", "source": source}
         if self.degrade:
             out = degrade_image(hr, self.config, scale=self.scale, generator=g)
             item.update(lr=out.lr, labels=out.labels, prompt=out.prompt)
@@ -99,11 +106,15 @@ class PairsFolder(Dataset):
 
     Each metadata line needs "hr" and "lr" (paths relative to the folder); "name", "prompt" and "labels"
     are used when present (labels are parsed from "prompt" otherwise, and empty when neither exists).
+    `records` replaces the metadata lines with a chosen subset of them.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, records: Sequence[dict] | None = None) -> None:
         self.root = Path(root)
         meta = self.root / "metadata.jsonl"
+        if records is not None:  # a chosen subset of the folder's records
+            self.records = list(records)
+            return
         if not meta.is_file():
             raise ValueError(f"`root` must hold a metadata.jsonl; not found in {str(root)!r}.")
         self.records: list[dict] = []

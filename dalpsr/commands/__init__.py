@@ -1,0 +1,1 @@
+"""One module per `dalpsr` sub-command (parse → call the library → print); `dalpsr.cli` registers them."""

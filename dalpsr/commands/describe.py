@@ -1,0 +1,74 @@
+"""`dalpsr describe`: the degradation report (types, bins, probabilities, prompt text) of images."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from dalpsr.commands._common import threshold_arg
+from dalpsr.image_io import list_images, load_image
+from dalpsr.loaders.degradation import (
+    DECODER_SUBFOLDER,
+    ENCODER_SUBFOLDER,
+    DegradationModelNotFoundError,
+    load_degradation_models,
+)
+from dalpsr.models.prompt_decoder import describe_image
+from dalpsr.runtime import resolve_device
+
+MODEL_HELP = f"folder with {ENCODER_SUBFOLDER}/ and {DECODER_SUBFOLDER}/ (default: the shipped small model)"
+
+
+def add_commands(subparsers) -> None:
+    """Register `dalpsr describe`."""
+    p = subparsers.add_parser(
+        "describe",
+        help="print the degradation report (types, bins, probabilities, prompt text) of images",
+        description="Estimate each image's degradations with the degradation encoder and prompt decoder.",
+    )
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    p.add_argument(
+        "--threshold", type=threshold_arg, default=None, help="summed bin probability needed to report a type"
+    )
+    p.add_argument(
+        "--max-crops",
+        type=int,
+        default=16,
+        help="average over up to this many crops of the encoder's input size (encoders that crop; default 16)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.set_defaults(func=run_describe)
+
+
+def run_describe(args) -> int:
+    try:
+        encoder, decoder, _ = load_degradation_models(args.model, resolve_device(args.device))
+    except DegradationModelNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed, paths = 0, []
+    for item in args.images:
+        try:
+            paths.extend(list_images([item]))
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            failed += 1
+    for path in paths:
+        try:
+            rgb = load_image(path).rgb
+        except (OSError, ValueError) as err:
+            print(f"error: {path}: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold)
+        report = {"image": str(path), **prediction.report(0)}
+        if args.json:
+            print(json.dumps(report))
+            continue
+        print(f"{path}\n  prompt: {report['prompt'] or '(no degradation detected)'}")
+        for name, item in report["types"].items():
+            probs = " ".join(f"{p:.2f}" for p in item["probabilities"])
+            print(f"  {name:<10} {item['text']:<32} p(bins) = {probs}")
+    return 1 if failed else 0

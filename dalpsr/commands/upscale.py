@@ -1,0 +1,148 @@
+"""`dalpsr upscale`: super-resolve files and folders with an engine (the diffusion pipeline or a restorer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from dalpsr.batch import plan_jobs, run_jobs
+from dalpsr.pipelines.engines import (
+    DiffusionEngine,
+    RestorerEngine,
+    UpscaleSettings,
+    WeightsNotFoundError,
+    load_pipeline,
+    resolve_pipeline_source,
+    resolve_restorer_source,
+)
+from dalpsr.runtime import DTYPE_CHOICES, resolve_device
+
+
+def add_commands(subparsers) -> None:
+    """Register `dalpsr upscale`."""
+    p = subparsers.add_parser(
+        "upscale",
+        help="super-resolve images (files or folders)",
+        description="Super-resolve images with DaLPSRPipeline. Existing outputs are skipped, so a killed run resumes.",
+    )
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, help="output folder (never an input file)")
+    src = p.add_argument_group("weights (first found wins)")
+    src.add_argument("--model", help="a saved DaLPSRPipeline folder (save_pretrained layout)")
+    src.add_argument("--sd2-base", help="an SD2-base diffusers folder; with --controlnet for a trained LR branch")
+    src.add_argument("--controlnet", help="a ControlNetModel folder for the LR branch (with --sd2-base)")
+    src.add_argument(
+        "--random-weights-for-testing",
+        action="store_true",
+        help="use tiny random components (checks an installation; the output is noise)",
+    )
+    src.add_argument(
+        "--dat-model",
+        "--restorer",
+        dest="dat_model",
+        help="with --engine dat: train_dat.py output, a DATRestorer/DAT folder or an official DAT checkpoint",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["diffusion", "dat"],
+        default="diffusion",
+        help="diffusion: the DaLPSR pipeline; dat: the DAT regression restorer alone (no diffusion weights)",
+    )
+    p.add_argument("--upscale", type=float, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=5.5)
+    p.add_argument("--start-strength", type=float, default=1.0)
+    p.add_argument("--controlnet-conditioning-scale", type=float, default=1.0)
+    p.add_argument("--color-fix", choices=["wavelet", "adain", "none"], default="wavelet")
+    p.add_argument("--text-routing", choices=["split", "shared"], default="split")
+    p.add_argument("--prompt", help="content prompt (default: the captioner's caption, if any)")
+    p.add_argument("--degradation-prompt", help="degradation prompt (default: from the prompt decoder, if any)")
+    p.add_argument("--negative-prompt", help="negative prompt (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile-size", type=int, help="tile size in output pixels (default: automatic)")
+    p.add_argument("--tile-overlap", type=int, help="tile overlap in output pixels")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--format", choices=["png", "webp", "jpg"], default="png", help="output image format")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
+    p.set_defaults(func=run_upscale)
+
+
+def diffusion_call_kwargs(args) -> dict:
+    """The `DaLPSRPipeline.__call__` arguments the flags set."""
+    kwargs = {
+        "prompt": args.prompt,
+        "degradation_prompt": args.degradation_prompt,
+        "upscale": args.upscale,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "start_strength": args.start_strength,
+        "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
+        "color_fix": args.color_fix,
+        "text_routing": args.text_routing,
+        "tile_size": args.tile_size,
+        "tile_overlap": args.tile_overlap,
+    }
+    if args.negative_prompt is not None:
+        kwargs["negative_prompt"] = args.negative_prompt
+    return kwargs
+
+
+def build_engine(args):
+    """(engine, settings) for the flags; raises WeightsNotFoundError / OSError / ValueError with one clear line."""
+    settings = UpscaleSettings(
+        engine=args.engine,
+        model="",
+        upscale=args.upscale,
+        seed=args.seed,
+        dtype=args.dtype,
+        tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap,
+    )
+    if args.engine == "dat":
+        settings.model = resolve_restorer_source(args.dat_model)
+        engine = RestorerEngine(
+            settings.model, args.upscale, args.device, args.dtype, args.tile_size, args.tile_overlap
+        )
+        settings.device, settings.restorer = str(engine.device), engine.settings
+        return engine, settings
+    kind, settings.model = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
+    if kind == "random":
+        from dalpsr.testing import get_dummy_pipeline
+
+        pipe, device = get_dummy_pipeline(seed=args.seed), resolve_device(args.device)
+        pipe = pipe.to(device)
+    else:
+        pipe, device = load_pipeline(kind, settings.model, args.controlnet, args.device, args.dtype)
+    settings.device, settings.diffusion = str(device), diffusion_call_kwargs(args)
+    return DiffusionEngine(pipe, seed=args.seed, **settings.diffusion), settings
+
+
+def run_upscale(args) -> int:
+    out_dir = Path(args.output)
+    try:
+        plan = plan_jobs(args.inputs, out_dir, args.format, args.recursive, args.overwrite)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path, why in plan.ignored:
+        print(f"ignored: {path}: {why}", file=sys.stderr)
+    if not plan.todo:
+        print(f"nothing to do: {len(plan.existing)} outputs already exist in {out_dir}")
+        return 0
+    try:
+        engine, settings = build_engine(args)
+    except (WeightsNotFoundError, OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "dalpsr_upscale.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    failures = run_jobs(plan.todo, engine, out_dir / "dalpsr_upscale.jsonl", f"upscale ({engine.name})", args.format)
+    done = len(plan.todo) - len(failures)
+    print(f"upscaled {done}, skipped {len(plan.existing)} existing, failed {len(failures)} -> {out_dir}")
+    for job, why in failures:
+        print(f"  failed: {job.src}: {why}", file=sys.stderr)
+    return 1 if failures else 0
