@@ -28,7 +28,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DiffusionPipeline, UNet2DC
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.peft_utils import get_adapter_name
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -349,8 +349,71 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """The UNet's training resolution in pixels (512 for SD2-base); the default tile size."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
-    def encode_prompt(self, texts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Encode texts with the CLIP text encoder: B×77×D hidden states (padded to the tokenizer max length)."""
+    def latent_shape(self, image_size: tuple[int, int], upscale: float, batch_size: int) -> tuple[int, int, int, int]:
+        """Shape of the latents for `batch_size` LR images of `image_size` (H, W): the output size, padded to
+        `pad_multiple`, over the VAE factor."""
+        m, f = self.pad_multiple, self.vae_scale_factor
+        h, w = (math.ceil(round(s * upscale) / m) * m // f for s in image_size)
+        return batch_size, self.unet.config.in_channels, h, w
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = False,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Encode text with the CLIP text encoder, as diffusers' `StableDiffusionPipeline.encode_prompt`.
+
+        Args:
+            prompt: the text(s); ignored when `prompt_embeds` is given.
+            device: where the embeddings go.
+            num_images_per_prompt: copies of each embedding (consecutive).
+            do_classifier_free_guidance: also return the negative embeddings.
+            negative_prompt: text(s) of the unconditional branch (None: ""); ignored when `negative_prompt_embeds`
+                is given.
+            prompt_embeds: precomputed B×77×D embeddings, used as they are.
+            negative_prompt_embeds: precomputed negative embeddings.
+            lora_scale: scale of the text encoder's LoRA layers while encoding.
+            clip_skip: number of final CLIP layers to skip (1: the penultimate layer, then the final layer norm).
+
+        Returns:
+            (prompt_embeds, negative_prompt_embeds): B·num_images_per_prompt×77×D each in the text encoder's dtype;
+            the negative one is None without classifier-free guidance.
+        """
+        if lora_scale is not None and USE_PEFT_BACKEND:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            if prompt_embeds is None:
+                texts = [prompt] if isinstance(prompt, str) else list(prompt)
+                prompt_embeds = self._encode_texts(texts, device, clip_skip)
+            batch_size = prompt_embeds.shape[0]
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                negatives = [negative_prompt or ""] * batch_size
+                if isinstance(negative_prompt, list | tuple):
+                    if len(negative_prompt) != batch_size:
+                        raise ValueError(
+                            f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}."
+                        )
+                    negatives = list(negative_prompt)
+                negative_prompt_embeds = self._encode_texts(negatives, device, None)
+        finally:
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        dtype = self.text_encoder.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
+
+    def _encode_texts(self, texts: list[str], device, clip_skip: int | None) -> torch.Tensor:
+        # Each distinct text is encoded once (captions and degradation prompts repeat across a batch).
         unique = list(dict.fromkeys(texts))
         ids = self.tokenizer(
             unique,
@@ -358,39 +421,54 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
-        ).input_ids
-        with torch.no_grad():
-            embeds = self.text_encoder(ids.to(device), attention_mask=None)[0].to(dtype=dtype, device=device)
+        ).input_ids.to(device)
+        if clip_skip is None:
+            embeds = self.text_encoder(ids, attention_mask=None)[0]
+        else:
+            hidden = self.text_encoder(ids, attention_mask=None, output_hidden_states=True).hidden_states
+            text_model = getattr(self.text_encoder, "text_model", self.text_encoder)  # nested before transformers 5
+            embeds = text_model.final_layer_norm(hidden[-(clip_skip + 1)])
         index = {t: i for i, t in enumerate(unique)}
         return embeds[[index[t] for t in texts]]
 
     @staticmethod
-    def _as_list(value: str | list[str] | None, batch: int, name: str) -> list[str | None]:
-        if value is None:
-            return [None] * batch
-        if isinstance(value, str):
-            return [value] * batch
-        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
-            if len(value) != batch:
-                raise ValueError(f"`{name}` has {len(value)} entries but there are {batch} images; pass one per image.")
-            return list(value)
-        raise TypeError(f"`{name}` must be a str or a list of str; got {type(value).__name__}.")
+    def _text_needs(text_routing: str, has_prompt_embeds: bool, has_controlnet_embeds: bool) -> tuple[bool, bool]:
+        """(content prompt needed, degradation prompt needed) given which embeddings the caller passed."""
+        controlnet_given = has_controlnet_embeds or (text_routing == "shared" and has_prompt_embeds)
+        if text_routing == "split":
+            return not controlnet_given, not has_prompt_embeds
+        needed = not (has_prompt_embeds and controlnet_given)
+        return needed, needed
 
     def check_inputs(
         self,
-        num_inference_steps,
+        images: list[RGBImage],
+        prompt,
+        degradation_prompt,
+        negative_prompt,
+        prompt_embeds,
+        controlnet_prompt_embeds,
+        negative_prompt_embeds,
         upscale,
+        num_inference_steps,
         guidance_scale,
         start_strength,
+        start_timestep,
         controlnet_conditioning_scale,
         color_fix,
         text_routing,
         tile_size,
         tile_overlap,
         vae_tile_size,
+        generator,
+        latents,
         output_type,
+        clip_skip,
+        pre_restore,
         callback_on_step_end_tensor_inputs,
     ) -> None:
+        """Every argument check of `__call__`: raises `ValueError` / `TypeError` naming the argument."""
+        batch = len(images)
         if (
             isinstance(num_inference_steps, bool)
             or not isinstance(num_inference_steps, int)
@@ -403,6 +481,23 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(f"`guidance_scale` must be a finite number ≥ 0; got {guidance_scale!r}.")
         if not isinstance(start_strength, Real) or not 0 < start_strength <= 1:
             raise ValueError(f"`start_strength` must be in (0, 1]; got {start_strength!r}.")
+        if round(num_inference_steps * start_strength) < 1:
+            raise ValueError(
+                f"`start_strength`={start_strength} with `num_inference_steps`={num_inference_steps} leaves no "
+                f"step to run; raise either."
+            )
+        if start_timestep is not None:
+            train_steps = self.scheduler.config.num_train_timesteps
+            if isinstance(start_timestep, bool) or not isinstance(start_timestep, int):
+                raise ValueError(f"`start_timestep` must be an int or None; got {start_timestep!r}.")
+            if not 0 <= start_timestep < train_steps or start_strength != 1.0:
+                raise ValueError(
+                    f"`start_timestep` must be in [0, {train_steps}) with `start_strength`=1.0; got "
+                    f"start_timestep={start_timestep}, start_strength={start_strength}."
+                )
+            self.scheduler.set_timesteps(num_inference_steps)
+            if not (self.scheduler.timesteps <= start_timestep).any():
+                raise ValueError(f"`start_timestep`={start_timestep} is below every scheduled timestep.")
         if not isinstance(controlnet_conditioning_scale, Real) or not math.isfinite(controlnet_conditioning_scale):
             raise ValueError(
                 f"`controlnet_conditioning_scale` must be a finite number; got {controlnet_conditioning_scale!r}."
@@ -424,15 +519,73 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             raise ValueError(
                 f"`tile_overlap` must be an int in [0, tile_size={effective_tile}) pixels; got {tile_overlap!r}."
             )
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+            raise ValueError(f"`clip_skip` must be a non-negative int or None; got {clip_skip!r}.")
+        for name, value in (
+            ("prompt", prompt),
+            ("degradation_prompt", degradation_prompt),
+            ("negative_prompt", negative_prompt),
+        ):
+            if value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"`{name}` must be a str or a list of str; got {type(value).__name__}.")
+            if len(value) != batch:
+                raise ValueError(f"`{name}` has {len(value)} entries but there are {batch} images; pass one per image.")
+        embeds = {
+            "prompt_embeds": prompt_embeds,
+            "controlnet_prompt_embeds": controlnet_prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+        }
+        shapes = set()
+        for name, value in embeds.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor) or value.ndim != 3 or value.shape[0] != batch:
+                raise ValueError(
+                    f"`{name}` must be a {batch}×L×D tensor (one row per image, e.g. from `encode_prompt`); got "
+                    f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}."
+                )
+            shapes.add(tuple(value.shape))
+        if len(shapes) > 1:
+            raise ValueError(f"The given embeddings must have one shape; got {sorted(shapes)}.")
+        needs_content, needs_degradation = self._text_needs(
+            text_routing, prompt_embeds is not None, controlnet_prompt_embeds is not None
+        )
+        for name, value, needed in (
+            ("prompt", prompt, needs_content),
+            ("degradation_prompt", degradation_prompt, needs_degradation),
+        ):
+            if value is not None and not needed:
+                given = " and ".join(
+                    f"`{k}`" for k in ("prompt_embeds", "controlnet_prompt_embeds") if embeds[k] is not None
+                )
+                raise ValueError(
+                    f"`{name}` is not used with `text_routing`={text_routing!r} and {given} given; pass the text or "
+                    f"the embeddings, not both."
+                )
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"`generator` is a list of {len(generator)} but there are {batch} images.")
+        if latents is not None:
+            if len({im.size for im in images}) > 1:
+                raise ValueError("`latents` can only be given when all images have the same size.")
+            expected = self.latent_shape(images[0].size, upscale, batch)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                raise ValueError(
+                    f"`latents` must have shape {expected}; got "
+                    f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}."
+                )
+        if pre_restore and self.restorer is None:
+            raise ValueError("`pre_restore=True` needs a `restorer` component (e.g. a DATRestorer); got None.")
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` has {bad}; allowed: {self._callback_tensor_inputs}."
             )
 
-    def prepare_condition(
+    def prepare_image(
         self, images: list[RGBImage], upscale: float, device, dtype, restored: torch.Tensor | None = None
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The LR-branch condition: bicubic-upsampled LR (or the `restored` regression estimate, resized to the
         output size when its scale differs), padded to the UNet multiple.
 
@@ -453,6 +606,52 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         cond = F.pad(up, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else up
         return up.to(dtype), cond.to(dtype)
 
+    def get_timesteps(
+        self, num_inference_steps: int, start_strength: float = 1.0, start_timestep: int | None = None, device=None
+    ) -> torch.Tensor:
+        """The timesteps to run: the whole schedule, its last `start_strength` fraction, or the scheduled steps at
+        or below `start_timestep`; the scheduler's begin index is set to match."""
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if start_timestep is not None:
+            skip = int((timesteps > start_timestep).sum())
+        else:
+            init_steps = min(round(num_inference_steps * start_strength), num_inference_steps)
+            skip = (num_inference_steps - init_steps) * self.scheduler.order
+        if skip and hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(skip)
+        return timesteps[skip:]
+
+    def prepare_latents(
+        self,
+        image: torch.Tensor,
+        dtype: torch.dtype,
+        device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        vae_tile_size: int | None = None,
+    ) -> torch.Tensor:
+        """The start latents for the padded condition `image` (B×3×H×W in [0, 1]).
+
+        `timestep` None: noise × the scheduler's initial sigma; else the VAE latent of `image` noised to `timestep`
+        (`latents`, when given, is the noise).
+        """
+        f = self.vae_scale_factor
+        shape = (image.shape[0], self.unet.config.in_channels, image.shape[-2] // f, image.shape[-1] // f)
+        if latents is None:
+            noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            noise = latents.to(device=device, dtype=dtype)
+        if timestep is None:
+            return noise * self.scheduler.init_noise_sigma
+        init = self._vae_encode(image.to(self.vae.dtype) * 2 - 1, vae_tile_size).to(dtype)
+        return self.scheduler.add_noise(init, noise, timestep.repeat(shape[0]))
+
+    def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None = None) -> torch.Tensor:
+        """Scaled latents → B×3×H×W float32 images in [0, 1] (tiled VAE above `vae_tile_size` pixels)."""
+        return (self._vae_decode(latents.to(self.vae.dtype), vae_tile_size).float() / 2 + 0.5).clamp(0, 1)
+
     def encode_degradation(self, images: list[RGBImage], device):
         """One pass of the shared feature stack (`degradation_encoder`) over same-size LR images.
 
@@ -468,6 +667,15 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=torch.float32)
         pixel_values = encoder.preprocess(lr).to(device=device, dtype=encoder.dtype)
         return encoder(pixel_values)
+
+    def _caption(self, images: torch.Tensor, unload: bool = False) -> list[str]:
+        """Captions of B×3×H×W images in [0, 1] by the `captioner`, trimmed to the text encoder's token budget."""
+        from dalpsr.captioning import fit_to_token_budget
+
+        captions = self.captioner([tensor_to_pil(im) for im in images])
+        if unload:
+            self.captioner.unload()
+        return [fit_to_token_budget(c, self.tokenizer, self.tokenizer.model_max_length) for c in captions]
 
     def _vae_encode(self, x: torch.Tensor, tile: int | None) -> torch.Tensor:
         # x: B×3×H×W in [-1, 1] → scaled latents (distribution mode: deterministic).
@@ -513,7 +721,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return {"image_encoder_hidden_states": torch.cat([embeds, embeds]) if do_cfg else embeds}
 
     def _predict_noise(self, latent_in, t, cond, unet_embeds, cn_embeds, cn_scale, image_kwargs):
-        # The condition (B×3×H×W) is repeated for the CFG half here, per tile, not at full resolution.
+        # The condition (B×3×H×W) is repeated for the CFG half here, per tile, not at full resolution. Both models
+        # get `cross_attention_kwargs`, so a LoRA `scale` applies to the ControlNet's LoRA layers too.
         if cond.shape[0] != latent_in.shape[0]:
             cond = cond.repeat(latent_in.shape[0] // cond.shape[0], 1, 1, 1)
         down, mid = self.controlnet(
@@ -522,6 +731,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             encoder_hidden_states=cn_embeds,
             controlnet_cond=cond,
             conditioning_scale=cn_scale,
+            cross_attention_kwargs=self.cross_attention_kwargs,
             return_dict=False,
             **image_kwargs,
         )
@@ -563,6 +773,20 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 norm[y0 : y0 + th, x0 : x0 + tw] += weight
         return (out / norm).to(latent_in.dtype)
 
+    def _postprocess(self, sr: torch.Tensor, images: list[RGBImage], output_type: str):
+        # sr: B×3×H×W in [0, 1] → "pt" as is, "np" B×H×W×3, "pil" with each input's alpha resized and reattached.
+        if output_type == "pt":
+            return sr
+        if output_type == "np":
+            return sr.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
+        pil = []
+        for k, im in enumerate(images):
+            alpha = None
+            if im.alpha is not None:
+                alpha = F.interpolate(im.alpha[None], size=sr.shape[-2:], mode="bicubic", align_corners=False)[0]
+            pil.append(tensor_to_pil(sr[k], alpha))
+        return pil
+
     # ------------------------------------------------------------------ properties used by callbacks
     @property
     def guidance_scale(self) -> float:
@@ -575,6 +799,10 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     @property
     def cross_attention_kwargs(self) -> dict | None:
         return self._cross_attention_kwargs
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
 
     @property
     def num_timesteps(self) -> int:
@@ -605,9 +833,13 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         vae_tile_size: int | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        controlnet_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         default_prompt: str = "",
@@ -645,9 +877,17 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             vae_tile_size: VAE tile size in output pixels (default: the native resolution).
             generator: a torch.Generator or one per image, for reproducible sampling.
             latents: initial noise latents B×C×h×w (used instead of sampling; with `start_strength < 1` as the noise).
+            prompt_embeds: B×77×D embeddings for the UNet's cross-attention (e.g. from `encode_prompt`), used instead
+                of encoding the UNet text.
+            controlnet_prompt_embeds: B×77×D embeddings for the ControlNet's cross-attention, used instead of
+                encoding its text; None with `text_routing="shared"` and `prompt_embeds` given: `prompt_embeds`.
+                Text that a given embedding replaces must not be passed too; output fields of texts not used are None.
+            negative_prompt_embeds: B×77×D embeddings of the unconditional branch, used instead of `negative_prompt`.
             output_type: "pil", "np", "pt" or "latent".
             return_dict: return a `DaLPSRPipelineOutput` (True) or a tuple `(images, prompts)`.
-            cross_attention_kwargs: passed to the attention processors (e.g. {"scale": lora_scale}).
+            cross_attention_kwargs: passed to the attention processors of the UNet and the ControlNet; its "scale"
+                scales every loaded LoRA (UNet, ControlNet, text encoder).
+            clip_skip: number of final CLIP text layers to skip (as in diffusers).
             callback_on_step_end: called as `fn(pipe, step, timestep, callback_kwargs)` after every step; may
                 return a dict with replacement "latents".
             callback_on_step_end_tensor_inputs: names from `_callback_tensor_inputs` to pass to the callback.
@@ -666,305 +906,220 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
-        # 1. Check inputs
+        # 1. Check inputs (the images are loaded first: the other arguments are checked against them)
+        images = to_rgb_images(image)
         self.check_inputs(
-            num_inference_steps,
+            images,
+            prompt,
+            degradation_prompt,
+            negative_prompt,
+            prompt_embeds,
+            controlnet_prompt_embeds,
+            negative_prompt_embeds,
             upscale,
+            num_inference_steps,
             guidance_scale,
             start_strength,
+            start_timestep,
             controlnet_conditioning_scale,
             color_fix,
             text_routing,
             tile_size,
             tile_overlap,
             vae_tile_size,
+            generator,
+            latents,
             output_type,
+            clip_skip,
+            pre_restore,
             callback_on_step_end_tensor_inputs,
         )
-        if start_timestep is not None:
-            train_steps = self.scheduler.config.num_train_timesteps
-            if isinstance(start_timestep, bool) or not isinstance(start_timestep, int):
-                raise ValueError(f"`start_timestep` must be an int or None; got {start_timestep!r}.")
-            if not 0 <= start_timestep < train_steps or start_strength != 1.0:
-                raise ValueError(
-                    f"`start_timestep` must be in [0, {train_steps}) with `start_strength`=1.0; got "
-                    f"start_timestep={start_timestep}, start_strength={start_strength}."
-                )
-        images = to_rgb_images(image)
-        batch = len(images)
-        prompts = self._as_list(prompt, batch, "prompt")
-        degradation_prompts = self._as_list(degradation_prompt, batch, "degradation_prompt")
-        negative_prompts = [n or "" for n in self._as_list(negative_prompt, batch, "negative_prompt")]
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"`generator` is a list of {len(generator)} but there are {batch} images.")
         self._guidance_scale = float(guidance_scale)
         self._cross_attention_kwargs = cross_attention_kwargs
+        self._clip_skip = clip_skip
         self._interrupt = False
 
-        run = dict(
-            quality_prompt=quality_prompt,
-            upscale=upscale,
-            num_inference_steps=num_inference_steps,
-            start_strength=float(start_strength),
-            controlnet_conditioning_scale=float(controlnet_conditioning_scale),
-            color_fix=color_fix,
-            text_routing=text_routing,
-            tile_size=tile_size,
-            tile_overlap=tile_overlap,
-            vae_tile_size=vae_tile_size,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-            default_prompt=default_prompt,
-            unload_captioner=unload_captioner,
-            start_timestep=start_timestep,
-            pre_restore=pre_restore,
-            restorer_tile_size=restorer_tile_size,
-        )
-        # Images of different sizes run as separate batches, in input order.
-        groups: list[list[int]] = []
-        for i, im in enumerate(images):
-            if groups and images[groups[-1][0]].size == im.size:
-                groups[-1].append(i)
-            else:
-                groups.append([i])
-        if latents is not None and len(groups) > 1:
-            raise ValueError("`latents` can only be given when all images have the same size.")
-
-        results = []
-        for idx in groups:
-            gen = [generator[i] for i in idx] if isinstance(generator, list) else generator
-            results.append(
-                self._generate(
-                    [images[i] for i in idx],
-                    [prompts[i] for i in idx],
-                    [degradation_prompts[i] for i in idx],
-                    [negative_prompts[i] for i in idx],
-                    generator=gen[0] if isinstance(gen, list) and len(gen) == 1 else gen,
-                    latents=latents,
-                    **run,
-                )
-            )
-        self.maybe_free_model_hooks()
-
-        if len(results) == 1:
-            out_images = results[0]["images"]
-        else:
-            out_images = [im for r in results for im in r["images"]]
-        fields = {
-            key: [v for r in results for v in r[key]]
-            for key in (
-                "prompts",
-                "degradation_prompts",
-                "negative_prompts",
-                "unet_prompts",
-                "controlnet_prompts",
-            )
-        }
-        degradations = [d for r in results for d in (r["degradations"] or [])] or None
-        if not return_dict:
-            return out_images, fields["prompts"]
-        return DaLPSRPipelineOutput(images=out_images, degradations=degradations, **fields)
-
-    def _generate(
-        self,
-        images: list[RGBImage],
-        prompts: list[str | None],
-        degradation_prompts: list[str | None],
-        negative_prompts: list[str],
-        *,
-        quality_prompt,
-        upscale,
-        num_inference_steps,
-        start_strength,
-        controlnet_conditioning_scale,
-        color_fix,
-        text_routing,
-        tile_size,
-        tile_overlap,
-        vae_tile_size,
-        output_type,
-        generator,
-        latents,
-        callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
-        default_prompt,
-        unload_captioner,
-        start_timestep,
-        pre_restore,
-        restorer_tile_size,
-    ) -> dict:
+        # 2. Define call parameters
         device = self._execution_device
         dtype = self.unet.dtype
-        batch = len(images)
-
-        # 2. One pass of the shared feature stack serves the prompt decoder and the restorer.
-        decode_prompts = any(d is None for d in degradation_prompts) and self.prompt_decoder is not None
-        restore = self.restorer is not None if pre_restore is None else pre_restore
-        if restore and self.restorer is None:
-            raise ValueError("`pre_restore=True` needs a `restorer` component (e.g. a DATRestorer); got None.")
-        needs_features = decode_prompts or (restore and getattr(self.restorer, "needs_features", False))
-        features = self.encode_degradation(images, device) if needs_features else None
-
-        # 3. Prepare the image: the LR-branch condition at the exact output size (bicubic LR, or the restorer's
-        # estimate, DiffBIR-style), padded for the UNet.
-        restored = None
-        if restore:
-            lr = torch.stack([im.rgb for im in images]).to(device=device, dtype=self.restorer.dtype)
-            restored = self.restorer.super_resolve(lr, features=features, tile_size=restorer_tile_size)
-        upsampled, cond = self.prepare_condition(images, upscale, device, self.controlnet.dtype, restored=restored)
-        out_h, out_w = upsampled.shape[-2:]
-
-        # 4. Prompts: content (caller / caption of the condition image / default), degradation (caller / decoder).
-        degradations = None
-        if decode_prompts:
-            prediction = self.prompt_decoder.decode(features)
-            degradations = [prediction.report(i) for i in range(batch)]
-            degradation_prompts = [
-                given if given is not None else prediction.prompts[i] for i, given in enumerate(degradation_prompts)
-            ]
-        if any(p is None for p in prompts) and self.captioner is not None:
-            from dalpsr.captioning import fit_to_token_budget
-
-            missing = [i for i, p in enumerate(prompts) if p is None]
-            captions = self.captioner([tensor_to_pil(upsampled[i]) for i in missing])
-            if unload_captioner:
-                self.captioner.unload()
-            budget = self.tokenizer.model_max_length
-            for i, caption in zip(missing, captions):
-                prompts[i] = fit_to_token_budget(caption, self.tokenizer, budget)
-        prompts = [default_prompt if p is None else p for p in prompts]
-        degradation_prompts = ["" if d is None else d for d in degradation_prompts]
-        cn_texts, unet_texts = route_prompts(prompts, degradation_prompts, quality_prompt, text_routing)
-
-        # 4. Encode text.
         do_cfg = self.do_classifier_free_guidance
-        unet_embeds = self.encode_prompt(unet_texts, device, dtype)
-        cn_embeds = unet_embeds if cn_texts == unet_texts else self.encode_prompt(cn_texts, device, dtype)
-        if do_cfg:
-            neg = self.encode_prompt(negative_prompts, device, dtype)
-            unet_embeds = torch.cat([neg, unet_embeds])
-            cn_embeds = torch.cat([neg, cn_embeds])
-
-        # 5. Timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        if start_strength < 1.0:
-            init_steps = min(round(num_inference_steps * start_strength), num_inference_steps)
-            if init_steps < 1:
-                raise ValueError(
-                    f"`start_strength`={start_strength} with `num_inference_steps`={num_inference_steps} leaves no "
-                    f"step to run; raise either."
-                )
-            t_start = (num_inference_steps - init_steps) * self.scheduler.order
-            timesteps = timesteps[t_start:]
-            if hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(t_start)
-        if start_timestep is not None:
-            skip = int((timesteps > start_timestep).sum())
-            if skip == len(timesteps):
-                raise ValueError(f"`start_timestep`={start_timestep} is below every scheduled timestep.")
-            timesteps = timesteps[skip:]
-            if skip and hasattr(self.scheduler, "set_begin_index"):
-                self.scheduler.set_begin_index(skip)
-        self._num_timesteps = len(timesteps)
-
-        # 6. Latents.
-        latent_shape = (
-            batch,
-            self.unet.config.in_channels,
-            cond.shape[-2] // self.vae_scale_factor,
-            cond.shape[-1] // self.vae_scale_factor,
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        restore = self.restorer is not None if pre_restore is None else pre_restore
+        needs_content, needs_degradation = self._text_needs(
+            text_routing, prompt_embeds is not None, controlnet_prompt_embeds is not None
         )
-        if latents is not None:
-            if tuple(latents.shape) != latent_shape:
-                raise ValueError(f"`latents` must have shape {latent_shape}; got {tuple(latents.shape)}.")
-            noise = latents.to(device=device, dtype=dtype)
-        else:
-            noise = randn_tensor(latent_shape, generator=generator, device=device, dtype=dtype)
+        prompts = _per_image(prompt, len(images))
+        degradation_prompts = _per_image(degradation_prompt, len(images))
+        negative_prompts = _per_image(negative_prompt, len(images))
+        negative_prompts = [None if negative_prompt_embeds is not None else n or "" for n in negative_prompts]
         vae_tile = vae_tile_size or self.native_resolution
-        if start_timestep is not None or start_strength < 1.0:
-            init = self._vae_encode(cond.to(self.vae.dtype) * 2 - 1, vae_tile).to(dtype)
-            start = timesteps[:1] if start_timestep is None else torch.tensor([start_timestep], device=device)
-            lat = self.scheduler.add_noise(init, noise, start.repeat(batch))
-        else:
-            lat = noise * self.scheduler.init_noise_sigma
-
-        # 7. Denoise.
         tile_px = tile_size or self.native_resolution
         latent_tile = tile_px // self.vae_scale_factor
-        latent_overlap = (tile_overlap if tile_overlap is not None else tile_px // 4) // self.vae_scale_factor
-        tiled = max(latent_shape[-2:]) > latent_tile
-        extra_step = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            extra_step["generator"] = generator
-        image_kwargs = self.image_attention_kwargs(images, device, dtype, do_cfg)
-        prompt_embeds, controlnet_prompt_embeds = unet_embeds, cn_embeds
-        with self.progress_bar(total=len(timesteps)) as progress:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                latent_in = torch.cat([lat] * 2) if do_cfg else lat
-                latent_in = self.scheduler.scale_model_input(latent_in, t)
-                args = (
-                    latent_in,
-                    t,
-                    cond,
-                    prompt_embeds,
-                    controlnet_prompt_embeds,
-                    controlnet_conditioning_scale,
+        latent_overlap = (tile_px // 4 if tile_overlap is None else tile_overlap) // self.vae_scale_factor
+        step_takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        outputs, unet_prompts, controlnet_prompts, degradations = [], [], [], []
+
+        # Images of different sizes run as separate batches (steps 3–10), consecutive same-size images together.
+        for idx in _size_groups(images):
+            group = [images[i] for i in idx]
+            group_generator = [generator[i] for i in idx] if isinstance(generator, list) else generator
+            if isinstance(group_generator, list) and len(group_generator) == 1:
+                group_generator = group_generator[0]
+            extra_step_kwargs = {"generator": group_generator} if step_takes_generator else {}
+
+            # 3. Degradation features: one pass of the shared feature stack feeds the prompt decoder and the restorer
+            decode_prompts = (
+                needs_degradation
+                and self.prompt_decoder is not None
+                and any(degradation_prompts[i] is None for i in idx)
+            )
+            needs_features = decode_prompts or (restore and getattr(self.restorer, "needs_features", False))
+            features = self.encode_degradation(group, device) if needs_features else None
+
+            # 4. Prepare image: the LR-branch condition at the exact output size (bicubic LR, or the restorer's
+            # estimate, DiffBIR-style), padded for the UNet.
+            restored = None
+            if restore:
+                lr = torch.stack([im.rgb for im in group]).to(device=device, dtype=self.restorer.dtype)
+                restored = self.restorer.super_resolve(lr, features=features, tile_size=restorer_tile_size)
+            upsampled, cond = self.prepare_image(group, upscale, device, self.controlnet.dtype, restored=restored)
+            out_h, out_w = upsampled.shape[-2:]
+
+            # 5. Prompts: content (caller / caption of the condition image / default), degradation (caller / decoder).
+            if decode_prompts:
+                prediction = self.prompt_decoder.decode(features)
+                degradations.extend(prediction.report(k) for k in range(len(idx)))
+                for k, i in enumerate(idx):
+                    if degradation_prompts[i] is None:
+                        degradation_prompts[i] = prediction.prompts[k]
+            if needs_content:
+                missing = [i for i in idx if prompts[i] is None]
+                captions = [default_prompt] * len(missing)
+                if missing and self.captioner is not None:
+                    captions = self._caption(upsampled[[idx.index(i) for i in missing]], unload=unload_captioner)
+                for i, text in zip(missing, captions):
+                    prompts[i] = text
+            if needs_degradation:
+                for i in idx:
+                    degradation_prompts[i] = degradation_prompts[i] or ""
+            cn_texts, unet_texts = [None] * len(idx), [None] * len(idx)
+            if needs_content or needs_degradation:
+                cn_texts, unet_texts = route_prompts(
+                    [prompts[i] or "" for i in idx],
+                    [degradation_prompts[i] or "" for i in idx],
+                    quality_prompt,
+                    text_routing,
                 )
-                if tiled:
-                    noise_pred = self._predict_noise_tiled(*args, latent_tile, latent_overlap, image_kwargs)
-                else:
-                    noise_pred = self._predict_noise(*args, image_kwargs)
-                if do_cfg:
-                    uncond, text = noise_pred.chunk(2)
-                    noise_pred = uncond + self.guidance_scale * (text - uncond)
-                lat = self.scheduler.step(noise_pred, t, lat, **extra_step, return_dict=False)[0]
-                if callback_on_step_end is not None:
-                    local = {
-                        "latents": lat,
-                        "prompt_embeds": prompt_embeds,
-                        "controlnet_prompt_embeds": controlnet_prompt_embeds,
-                    }
-                    outputs = (
-                        callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
-                        or {}
-                    )
-                    lat = outputs.pop("latents", lat)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                    controlnet_prompt_embeds = outputs.pop("controlnet_prompt_embeds", controlnet_prompt_embeds)
-                progress.update()
 
-        record = {
-            "prompts": prompts,
-            "degradation_prompts": degradation_prompts,
-            "negative_prompts": negative_prompts,
-            "unet_prompts": unet_texts,
-            "controlnet_prompts": cn_texts,
-            "degradations": degradations,
-        }
-        if output_type == "latent":
-            return {"images": lat, **record}
+            # 6. Encode the prompts (the negative one serves both models).
+            unet_embeds, negative_embeds = self.encode_prompt(
+                unet_texts,
+                device,
+                do_classifier_free_guidance=do_cfg,
+                negative_prompt=[negative_prompts[i] for i in idx],
+                prompt_embeds=None if prompt_embeds is None else prompt_embeds[idx],
+                negative_prompt_embeds=None if negative_prompt_embeds is None else negative_prompt_embeds[idx],
+                lora_scale=lora_scale,
+                clip_skip=clip_skip,
+            )
+            if controlnet_prompt_embeds is not None:
+                cn_embeds = controlnet_prompt_embeds[idx]
+            elif (text_routing == "shared" and prompt_embeds is not None) or (
+                prompt_embeds is None and cn_texts == unet_texts
+            ):
+                cn_embeds = unet_embeds
+            else:
+                cn_embeds = self.encode_prompt(cn_texts, device, lora_scale=lora_scale, clip_skip=clip_skip)[0]
+            if prompt_embeds is not None:
+                unet_texts = [None] * len(idx)
+            if controlnet_prompt_embeds is not None or (text_routing == "shared" and prompt_embeds is not None):
+                cn_texts = [None] * len(idx)
+            unet_embeds, cn_embeds = unet_embeds.to(device, dtype), cn_embeds.to(device, dtype)
+            if do_cfg:
+                negative_embeds = negative_embeds.to(device, dtype)
+                unet_embeds = torch.cat([negative_embeds, unet_embeds])
+                cn_embeds = torch.cat([negative_embeds, cn_embeds])
+            unet_prompts.extend(unet_texts)
+            controlnet_prompts.extend(cn_texts)
 
-        # 8. Decode, crop the padding, colour-fix.
-        decoded = self._vae_decode(lat.to(self.vae.dtype), vae_tile)
-        sr = (decoded[:, :, :out_h, :out_w].float() / 2 + 0.5).clamp(0, 1)
-        sr = apply_color_fix(sr, upsampled.float(), color_fix)
+            # 7. Prepare timesteps
+            timesteps = self.get_timesteps(num_inference_steps, start_strength, start_timestep, device)
+            self._num_timesteps = len(timesteps)
 
-        # 9. Postprocess.
-        if output_type == "pt":
-            return {"images": sr, **record}
-        if output_type == "np":
-            return {"images": sr.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32), **record}
-        pil = []
-        for k, im in enumerate(images):
-            alpha = None
-            if im.alpha is not None:
-                alpha = F.interpolate(im.alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0]
-            pil.append(tensor_to_pil(sr[k], alpha))
-        return {"images": pil, **record}
+            # 8. Prepare latents: noise, or the LR latent noised to the first timestep (start_strength < 1) or to
+            # `start_timestep`.
+            start = None
+            if start_timestep is not None:
+                start = torch.tensor([start_timestep], device=device)
+            elif start_strength < 1.0:
+                start = timesteps[:1]
+            lat = self.prepare_latents(cond, dtype, device, group_generator, latents, start, vae_tile)
+
+            # 9. Denoising loop (latent tiles above `tile_size`)
+            image_kwargs = self.image_attention_kwargs(group, device, dtype, do_cfg)
+            tiled = max(lat.shape[-2:]) > latent_tile
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    latent_in = torch.cat([lat] * 2) if do_cfg else lat
+                    latent_in = self.scheduler.scale_model_input(latent_in, t)
+                    args = (latent_in, t, cond, unet_embeds, cn_embeds, controlnet_conditioning_scale)
+                    if tiled:
+                        noise_pred = self._predict_noise_tiled(*args, latent_tile, latent_overlap, image_kwargs)
+                    else:
+                        noise_pred = self._predict_noise(*args, image_kwargs)
+                    if do_cfg:
+                        uncond, text = noise_pred.chunk(2)
+                        noise_pred = uncond + self.guidance_scale * (text - uncond)
+                    lat = self.scheduler.step(noise_pred, t, lat, **extra_step_kwargs, return_dict=False)[0]
+                    if callback_on_step_end is not None:
+                        local = {"latents": lat, "prompt_embeds": unet_embeds, "controlnet_prompt_embeds": cn_embeds}
+                        callback_kwargs = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                        replaced = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                        lat = replaced.pop("latents", lat)
+                        unet_embeds = replaced.pop("prompt_embeds", unet_embeds)
+                        cn_embeds = replaced.pop("controlnet_prompt_embeds", cn_embeds)
+                    progress.update()
+
+            # 10. Decode (tiled VAE above `vae_tile_size`), crop the padding, colour-fix, postprocess
+            if output_type == "latent":
+                outputs.append(lat)
+                continue
+            sr = self.decode_latents(lat, vae_tile)[:, :, :out_h, :out_w]
+            sr = apply_color_fix(sr, upsampled.float(), color_fix)
+            outputs.append(self._postprocess(sr, group, output_type))
+
+        # 11. Offload all models; one output for one batch, else one item per image in input order
+        self.maybe_free_model_hooks()
+        out_images = outputs[0] if len(outputs) == 1 else [item for out in outputs for item in out]
+        if not return_dict:
+            return out_images, prompts
+        return DaLPSRPipelineOutput(
+            images=out_images,
+            prompts=prompts,
+            degradation_prompts=degradation_prompts,
+            negative_prompts=negative_prompts,
+            unet_prompts=unet_prompts,
+            controlnet_prompts=controlnet_prompts,
+            degradations=degradations or None,
+        )
+
+
+def _per_image(value: str | list[str] | None, batch: int) -> list[str | None]:
+    # A prompt argument (checked by `check_inputs`) as one entry per image.
+    return list(value) if isinstance(value, list | tuple) else [value] * batch
+
+
+def _size_groups(images: list[RGBImage]) -> list[list[int]]:
+    """Indices of runs of consecutive same-size images."""
+    groups: list[list[int]] = []
+    for i, im in enumerate(images):
+        if groups and images[groups[-1][0]].size == im.size:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def build_lr_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int = 8) -> ControlNetModel:

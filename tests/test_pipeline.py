@@ -132,9 +132,9 @@ def test_split_and_shared_text_routing(pipe):
         assert out.controlnet_prompts == ["a red barn"]
         assert out.unet_prompts == ["Deblur with sigma 0.50~0.75, clean, high-resolution, 8k, ultra-detailed"]
         enc = pipe.encode_prompt
-        torch.testing.assert_close(captured["controlnet"][1], enc(["a red barn"], "cpu", torch.float32)[0])
-        torch.testing.assert_close(captured["unet"][1], enc(out.unet_prompts, "cpu", torch.float32)[0])
-        torch.testing.assert_close(captured["unet"][0], enc(["ugly"], "cpu", torch.float32)[0])
+        torch.testing.assert_close(captured["controlnet"][1], enc(["a red barn"], "cpu")[0][0])
+        torch.testing.assert_close(captured["unet"][1], enc(out.unet_prompts, "cpu")[0][0])
+        torch.testing.assert_close(captured["unet"][0], enc(["ugly"], "cpu")[0][0])
         shared = pipe(rand_lr(8, 8), generator=gen(), text_routing="shared", num_inference_steps=1, **kw)
         joined = "a red barn, Deblur with sigma 0.50~0.75, clean, high-resolution, 8k, ultra-detailed"
         assert shared.unet_prompts == shared.controlnet_prompts == [joined]
@@ -546,3 +546,96 @@ def test_saved_pipeline_with_custom_components_loads_in_a_fresh_process(tmp_path
         [sys.executable, "-c", code, str(tmp_path / "p")], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["DegradationEncoder", "RestorationPromptDecoder"]
+
+
+def test_precomputed_embeddings_give_the_same_output_as_text(pipe):
+    lr, small = rand_lr(8, 8), rand_lr(5, 7, 1)
+    kw = dict(output_type="pt", **FAST)  # guidance 2.0: the negative branch runs
+    text_kw = dict(
+        prompt=["a red barn", "a cat"], degradation_prompt="Deblur with sigma 0.50~0.75", negative_prompt="ugly"
+    )
+    texts = pipe([lr, small], generator=[gen(), gen(1)], **text_kw, **kw)
+    unet, negative = pipe.encode_prompt(
+        texts.unet_prompts, "cpu", do_classifier_free_guidance=True, negative_prompt="ugly"
+    )
+    cn, none = pipe.encode_prompt(texts.controlnet_prompts, "cpu")
+    assert unet.shape == negative.shape == cn.shape == (2, 77, 32) and none is None
+    embeds = pipe(
+        [lr, small],
+        prompt_embeds=unet,
+        controlnet_prompt_embeds=cn,
+        negative_prompt_embeds=negative,
+        generator=[gen(), gen(1)],
+        **kw,
+    )
+    for a, b in zip(embeds.images, texts.images):  # two sizes: one batch each
+        assert torch.equal(a, b)
+    assert embeds.unet_prompts == embeds.controlnet_prompts == embeds.negative_prompts == [None, None]
+    assert embeds.prompts == embeds.degradation_prompts == [None, None]
+    # Only the UNet's embeddings: the ControlNet text still comes from `prompt`.
+    half = pipe(
+        [lr, small],
+        prompt=["a red barn", "a cat"],
+        prompt_embeds=unet,
+        negative_prompt="ugly",
+        generator=[gen(), gen(1)],
+        **kw,
+    )
+    assert all(torch.equal(a, b) for a, b in zip(half.images, texts.images))
+    assert half.controlnet_prompts == texts.controlnet_prompts and half.unet_prompts == [None, None]
+    # "shared": `prompt_embeds` drive both models.
+    shared = pipe(lr, prompt="a red barn", text_routing="shared", generator=gen(), **kw)
+    joined, negative = pipe.encode_prompt(
+        shared.unet_prompts, "cpu", do_classifier_free_guidance=True, negative_prompt=shared.negative_prompts
+    )
+    again = pipe(
+        lr, prompt_embeds=joined, negative_prompt_embeds=negative, text_routing="shared", generator=gen(), **kw
+    )
+    assert torch.equal(again.images, shared.images)
+    with pytest.raises(ValueError, match="`degradation_prompt` is not used"):
+        pipe(lr, degradation_prompt="x", prompt_embeds=joined, **kw)
+    with pytest.raises(ValueError, match="`prompt` is not used"):
+        pipe(lr, prompt="x", prompt_embeds=joined, text_routing="shared", **kw)
+    with pytest.raises(ValueError, match="`prompt_embeds` must be a 1×L×D"):
+        pipe(lr, prompt_embeds=joined[0], **kw)
+
+
+def test_clip_skip_takes_an_earlier_text_layer(pipe):
+    last, _ = pipe.encode_prompt("a red barn", "cpu")
+    assert torch.equal(pipe.encode_prompt("a red barn", "cpu", clip_skip=0)[0], last)
+    assert (pipe.encode_prompt("a red barn", "cpu", clip_skip=1)[0] - last).abs().max() > 1e-3
+    a = pipe(rand_lr(8, 8), generator=gen(), output_type="pt", **FAST).images
+    b = pipe(rand_lr(8, 8), generator=gen(), output_type="pt", clip_skip=1, **FAST).images
+    assert (a - b).abs().max() > 1e-5
+
+
+def test_lora_scale_applies_to_unet_controlnet_and_text_encoder(tmp_path):
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    lr = rand_lr(8, 8)
+    base = get_dummy_pipeline(seed=0)(lr, generator=gen(), output_type="pt", **FAST).images
+    source = get_dummy_pipeline(seed=0)
+    attention = ["to_q", "to_k", "to_v", "to_out.0"]
+    for model, targets in ((source.unet, attention), (source.controlnet, attention)):
+        model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    source.text_encoder.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"], init_lora_weights=False
+        )
+    )
+    layers = {name: get_peft_model_state_dict(getattr(source, name)) for name in ("unet", "controlnet", "text_encoder")}
+    for only in ("controlnet", None):  # the ControlNet LoRA alone, then all three
+        folder = tmp_path / str(only)
+        chosen = {only: layers[only]} if only else layers
+        DaLPSRPipeline.save_lora_weights(folder, **{f"{name}_lora_layers": sd for name, sd in chosen.items()})
+        pipe = get_dummy_pipeline(seed=0)
+        pipe.load_lora_weights(folder / "pytorch_lora_weights.safetensors")
+        effect = {}
+        for scale in (0.0, 0.5, 1.0):
+            out = pipe(lr, cross_attention_kwargs={"scale": scale}, generator=gen(), output_type="pt", **FAST).images
+            effect[scale] = (out - base).abs().max().item()
+        assert effect[0.0] <= 1e-6, (only, effect)
+        assert 1e-4 < effect[0.5] < effect[1.0], (only, effect)
+        # The scale is undone after the call: no kwargs is scale 1.
+        after = pipe(lr, generator=gen(), output_type="pt", **FAST).images
+        assert abs((after - base).abs().max().item() - effect[1.0]) <= 1e-6
