@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from dalpsr.cli_upscale import load_pipeline, resolve_model_source
+from dalpsr.pipelines.engines import load_pipeline, resolve_pipeline_source
 
 
 @dataclass
@@ -135,8 +135,13 @@ def build_demo(pipe, limits: DemoLimits):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    source = resolve_model_source(args)
-    pipe, _ = load_pipeline(args, source)
+    kind, source = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
+    if kind == "random":
+        from dalpsr.testing import get_dummy_pipeline
+
+        pipe = get_dummy_pipeline(seed=args.seed)
+    else:
+        pipe, _ = load_pipeline(kind, source, args.controlnet, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     limits = DemoLimits(max_upload_mb=args.max_upload_mb, max_input_pixels=args.max_input_pixels)
     demo = build_demo(pipe, limits)

@@ -28,7 +28,7 @@ import torch
 
 
 def bench_components(sd2: bool, seed: int = 0, real_vae: bool = False) -> dict:
-    from dalpsr.configs import build_sd2_base_components, load_sd2_base_config
+    from dalpsr.loaders.sd2 import build_sd2_base_components, load_sd2_base_config
     from dalpsr.testing import get_dummy_components
 
     if sd2:

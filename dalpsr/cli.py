@@ -1,4 +1,4 @@
-"""The `dalpsr` command line: one sub-command per job, each defined next to the code it drives."""
+"""The `dalpsr` command line: one sub-command per module of `dalpsr.commands`."""
 
 from __future__ import annotations
 
@@ -6,27 +6,30 @@ import argparse
 import logging
 import sys
 
+COMMANDS = (
+    "upscale",
+    "caption",
+    "describe",
+    "evaluate_degradation",
+    "make_pairs",
+    "eval",
+    "compare",
+    "weights",
+    "convert_dat",
+    "convert_ram",
+    "convert_seesr",
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalpsr import cli_caption, cli_degradation, cli_upscale
-    from dalpsr.degradations import cli as degradations_cli
-    from dalpsr.evaluation import cli as evaluation_cli
-    from dalpsr.weights import cli as weights_cli
-    from dalpsr.weights import manifest as weights_manifest
-    from dalpsr.weights import seesr as seesr_weights
+    import importlib
 
     parser = argparse.ArgumentParser(
         prog="dalpsr", description="Real-world image super-resolution with a diffusion prior."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    cli_upscale.add_commands(subparsers)
-    cli_caption.add_commands(subparsers)
-    cli_degradation.add_commands(subparsers)
-    degradations_cli.add_commands(subparsers)
-    weights_cli.add_commands(subparsers)
-    weights_manifest.add_commands(subparsers)
-    seesr_weights.add_commands(subparsers)
-    evaluation_cli.add_commands(subparsers)
+    for name in COMMANDS:
+        importlib.import_module(f"dalpsr.commands.{name}").add_commands(subparsers)
     return parser
 
 

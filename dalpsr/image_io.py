@@ -210,3 +210,26 @@ def save_image_atomic(image: Image.Image, path: str | os.PathLike, **save_kwargs
     buf = io.BytesIO()
     image.save(buf, format=fmt, **save_kwargs)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from the file header, or None when the file is not a readable image."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def usable_images(paths, min_size: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Split image paths into those whose shorter side is at least `min_size` and the skipped ones (with reasons)."""
+    ok, skipped = [], []
+    for path in paths:
+        size = read_image_size(path)
+        if size is None:
+            skipped.append((str(path), "unreadable"))
+        elif min(size) < min_size:
+            skipped.append((str(path), f"{size[0]}×{size[1]} is smaller than the crop size {min_size}"))
+        else:
+            ok.append(Path(path))
+    return ok, skipped

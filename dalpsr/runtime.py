@@ -45,6 +45,12 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
     raise ValueError(f"`dtype` must be one of {', '.join(map(repr, DTYPE_CHOICES))} or a torch dtype; got {dtype!r}.")
 
 
+def mix_seed(seed: int, index: int) -> int:
+    """The seed of the `index`-th epoch, rank or step of a run seeded `seed` (an integer map, one-to-one for
+    indices below 1 000 003)."""
+    return int(seed) * 1_000_003 + int(index)
+
+
 def derive_seed(seed: int, *names: object) -> int:
     """A 63-bit seed from a run seed and the names of what it seeds (e.g. a file's relative path, a crop index)."""
     text = "/".join([str(int(seed)), *(str(n) for n in names)])

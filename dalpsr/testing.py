@@ -2,44 +2,16 @@
 
 from __future__ import annotations
 
-import gzip
-from functools import lru_cache
-
 import torch
+
+from dalpsr.loaders.sd2 import clip_tokenizer
 
 TINY_TEXT_DIM = 32
 
 
-@lru_cache(maxsize=1)
-def _clip_bpe() -> tuple[dict[str, int], list[str]]:
-    """CLIP's byte-level BPE vocabulary and merges, built from open_clip's bundled merges file."""
-    from importlib.resources import files
-
-    raw = gzip.decompress((files("open_clip") / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).decode("utf-8")
-    merges = raw.split("\n")[1 : 49152 - 256 - 2 + 1]
-    # GPT-2 byte ↔ unicode table: printable bytes map to themselves, the rest to 256 + n.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    byte_chars = [chr(c) for c in codes]
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
-
-
 def get_dummy_tokenizer(model_max_length: int = 77):
     """The real CLIP tokenizer (49,408 tokens, SD2 padding with "!"), built offline."""
-    from transformers import CLIPTokenizer
-
-    vocab, merges = _clip_bpe()
-    pairs = [tuple(m.split()) for m in merges]
-    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, pad_token="!", model_max_length=model_max_length)
+    return clip_tokenizer(model_max_length)
 
 
 def get_dummy_components(

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from dalpsr.package_data import package_data
+from dalpsr.runtime import mix_seed
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 logger = logging.getLogger(__name__)
@@ -130,15 +133,13 @@ def require_positive(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 
 def read_model_config(name_or_path: str) -> tuple[Path, dict]:
-    """(path, parsed JSON) of a run config: a file path, or a file name among the configs in `dalpsr.configs`."""
+    """(path, parsed JSON) of a run config: a file path, or a file name among the shipped `configs/`."""
     path = Path(name_or_path)
     if not path.is_file():
-        from importlib.resources import files
-
-        shipped = Path(str(files("dalpsr.configs") / name_or_path))
+        shipped = package_data("configs", name_or_path)
         if not shipped.is_file():
             raise FileNotFoundError(
-                f"`--model_config` {name_or_path!r} is neither a file nor a config in dalpsr.configs."
+                f"`--model_config` {name_or_path!r} is neither a file nor a config in configs/."
             )
         path = shipped
     return path, json.loads(path.read_text())
@@ -157,5 +158,5 @@ class EpochPermutation(Sampler):
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return iter(torch.randperm(self.n, generator=g).tolist())

@@ -35,6 +35,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dalpsr.color import COLOR_FIX_MODES, apply_color_fix
 from dalpsr.image_io import RGBImage, tensor_to_pil, to_rgb_images
+from dalpsr.models.controlnet import build_lr_controlnet
 from dalpsr.tiling import gaussian_weights, tile_starts, tiled_map
 
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, oversmooth, worst quality, low quality, jpeg artifacts"
@@ -239,12 +240,12 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     ) -> DaLPSRPipeline:
         """Build the pipeline from SeeSR's released weights (cswry/SeeSR) on an SD2-base folder.
 
-        Run it with SeeSR's settings via `pipe(image, **dalpsr.weights.seesr.seesr_call_kwargs())`.
+        Run it with SeeSR's settings via `pipe(image, **dalpsr.loaders.seesr.seesr_call_kwargs())`.
 
         Args:
             seesr_dir: the SeeSR release folder holding `unet/` and `controlnet/` (Hub `CSWRY/SeeSR`, `seesr/`).
             base: SD2-base folder or hub id; None downloads the VAE, text encoder, tokenizer and scheduler of
-                `dalpsr.weights.seesr.SD2_BASE_MIRROR` at the pinned `SD2_BASE_REVISION`.
+                `dalpsr.loaders.seesr.SD2_BASE_MIRROR` at the pinned `SD2_BASE_REVISION`.
             ram: RAM's `ram_swin_large_14m.pth` or a folder from `dalpsr convert-ram`.
             dape: SeeSR's `DAPE.pth`, merged into RAM's Swin (with a RAM `.pth`).
             torch_dtype: dtype for the loaded models.
@@ -254,7 +255,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         """
         from diffusers import DDPMScheduler
 
-        from dalpsr.weights.seesr import resolve_sd2_base, seesr_components
+        from dalpsr.loaders.seesr import resolve_sd2_base, seesr_components
 
         base_dir = resolve_sd2_base(base, revision)
         parts = seesr_components(seesr_dir, ram, dape, torch_dtype=torch_dtype, trust_pickle=trust_pickle)
@@ -1120,13 +1121,3 @@ def _size_groups(images: list[RGBImage]) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
-
-
-def build_lr_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int = 8) -> ControlNetModel:
-    """The LR branch: a ControlNet copied from `unet` whose conditioning embedding downsamples by the VAE factor.
-
-    The embedding has log2(factor) + 1 conv stages (SD: 16, 32, 96, 256 channels for factor 8).
-    """
-    stages = int(math.log2(vae_scale_factor)) + 1
-    channels = (16, 32, 96, 256)[:stages] if stages <= 4 else tuple(16 * 2**i for i in range(stages))
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)

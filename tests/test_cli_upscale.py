@@ -28,7 +28,7 @@ def inputs(tmp_path):
 def test_missing_weights_gives_one_clear_message(tmp_path, inputs, capsys, monkeypatch):
     monkeypatch.delenv("DALPSR_MODEL", raising=False)
     monkeypatch.delenv("DALPSR_SD2_BASE", raising=False)
-    monkeypatch.setattr("dalpsr.cli_upscale.DEFAULT_MODEL_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr("dalpsr.pipelines.engines.DEFAULT_MODEL_DIR", tmp_path / "nowhere")
     code = main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2
@@ -75,7 +75,7 @@ def test_missing_input_is_reported(tmp_path, capsys):
 
 
 def test_weights_command_lists_the_manifest(capsys, monkeypatch, tmp_path):
-    from dalpsr.weights.manifest import load_manifest
+    from dalpsr.loaders.manifest import load_manifest
 
     monkeypatch.setenv("DALPSR_DAT_MODEL", str(tmp_path))
     assert main(["weights"]) == 0

@@ -99,7 +99,7 @@ def test_official_checkpoint_tiles_and_other_upscale(tmp_path, inputs, capsys):
 
 def test_missing_restorer_gives_one_clear_message(tmp_path, inputs, capsys, monkeypatch):
     monkeypatch.delenv("DALPSR_DAT_MODEL", raising=False)
-    monkeypatch.setattr("dalpsr.cli_upscale_dat.DEFAULT_DAT_SUBFOLDER", "no_such_model")
+    monkeypatch.setattr("dalpsr.pipelines.engines.DEFAULT_DAT_SUBFOLDER", "no_such_model")
     code = main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "out"), "--engine", "dat"])
     err = capsys.readouterr().err
     assert code == 2 and "No DAT restorer found" in err and "--dat-model" in err

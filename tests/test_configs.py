@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dalpsr.configs import build_sd2_base_components, load_sd2_base_config
+from dalpsr.loaders.sd2 import build_sd2_base_components, load_sd2_base_config
 
 
 def n_params(model: torch.nn.Module) -> int:

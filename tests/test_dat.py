@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dalpsr.loaders.dat import convert_dat_checkpoint, infer_dat_config, load_dat_checkpoint
 from dalpsr.models.dat import DAT, shift_window_mask, tiled_forward
-from dalpsr.weights.dat import convert_dat_checkpoint, infer_dat_config, load_dat_checkpoint
 
 spandrel = pytest.importorskip("spandrel")
 from spandrel.architectures.DAT import DAT as RefDAT  # noqa: E402

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dalpsr.cli import main
-from dalpsr.cli_upscale_dat import resolve_dat_model
+from dalpsr.loaders.restorers import load_restorer
 from dalpsr.models.dat import DAT
-from dalpsr.models.fusion import load_restorer
+from dalpsr.pipelines.engines import resolve_restorer_source
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED = WEIGHTS / "degradation_tiny"
@@ -35,7 +34,7 @@ def shipped(request):
 
 def test_shipped_weights_are_the_default_and_small(shipped, monkeypatch):
     monkeypatch.delenv("DALPSR_DAT_MODEL", raising=False)
-    assert Path(resolve_dat_model(argparse.Namespace(dat_model=None))).resolve() == SHIPPED.resolve()
+    assert Path(resolve_restorer_source(None)).resolve() == SHIPPED.resolve()
     weight_files = list((SHIPPED / "restorer").glob("*.safetensors"))
     assert len(weight_files) == 1 and weight_files[0].stat().st_size < 20 * 2**20
     assert (SHIPPED / "README.md").is_file()

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dalpsr.data import HRFolderPairs, PairsFolder
+from dalpsr.data.make_pairs import make_pairs
 from dalpsr.degradations import degrade, degrade_image, text_to_labels
-from dalpsr.degradations.cli import make_pairs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SET5 = SHARED / "paired" / "Set5" / "hr"
@@ -42,7 +42,7 @@ def test_on_the_fly_pairs(set5):
 def test_hr_only_items_for_batched_degradation(set5):
     ds = HRFolderPairs(set5, size=64, scale=4, seed=2, degrade=False)
     batch = next(iter(DataLoader(ds, batch_size=3)))
-    assert set(batch) == {"hr", "seed", "name"}
+    assert set(batch) == {"hr", "seed", "name", "source"}
     out = degrade(batch["hr"], "realesrgan", seeds=batch["seed"])
     for i in range(3):
         single = degrade_image(

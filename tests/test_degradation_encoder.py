@@ -9,8 +9,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dalpsr.models.degradation_encoder import DegradationEncoder, build_open_clip_model
-from dalpsr.weights.daclip import convert_daclip_state_dict, to_daclip_state_dict
+from dalpsr.models.degradation_encoder import (
+    DegradationEncoder,
+    build_open_clip_model,
+    convert_daclip_state_dict,
+    to_daclip_state_dict,
+)
 
 TINY = {
     "embed_dim": 32,

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from dalpsr.cli import main
-from dalpsr.cli_degradation import default_model_dir, describe_image, evaluate_degradation, load_degradation_models
+from dalpsr.evaluation.degradation import evaluate_degradation
+from dalpsr.loaders.degradation import default_model_dir, load_degradation_models
+from dalpsr.models.prompt_decoder import describe_image
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "degradation_tiny"
 HELD_OUT = ("coffee", "gravel", "rocket")  # scikit-image samples held out of the training set (model card)

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import dalpsr
+from dalpsr.loaders.dat import load_dat_checkpoint
+from dalpsr.loaders.restorers import load_restorer
 from dalpsr.models.dat import DAT, tiled_forward
-from dalpsr.models.fusion import DATRestorer, FusionBlock, load_restorer
+from dalpsr.models.fusion import DATRestorer, FusionBlock
 from dalpsr.testing import get_dummy_degradation_models
 
 TINY_DAT = {"embed_dim": 32, "depth": [2, 2], "num_heads": [2, 2], "split_size": [2, 4], "img_size": 64, "upscale": 2}
@@ -40,7 +42,7 @@ def test_official_checkpoint_restorer_reproduces_plain_dat(encoder, tmp_path):
     official = DAT.from_preset("dat_light", 4).eval()
     ckpt = tmp_path / "DAT_light_x4.pth"
     torch.save({"params": official.state_dict()}, ckpt)
-    restorer = DATRestorer.from_dat(ckpt, context_dim=encoder.embed_dim).eval()
+    restorer = DATRestorer.from_dat(load_dat_checkpoint(ckpt), context_dim=encoder.embed_dim).eval()
     assert restorer.fusion_groups == [0] and restorer.config.dat_config["upsampler"] == "pixelshuffledirect"
     lr = torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(0))
     features = encoder.encode_images(lr)
@@ -156,8 +158,6 @@ def test_load_restorer_layouts(encoder, tmp_path):
 
 
 def test_pretrained_dat_from_a_restorer_folder(encoder, tmp_path):
-    from dalpsr.weights.dat import load_dat_checkpoint
-
     dat = tiny_dat()
     lr = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     plain = DATRestorer.from_dat(dat, context_dim=encoder.embed_dim, fusion_layers=[])
@@ -167,7 +167,7 @@ def test_pretrained_dat_from_a_restorer_folder(encoder, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(lr), dat(lr))
     # a restorer with fusion blocks as the starting DAT of another restorer: fine-tuning from it keeps DAT
-    restorer = DATRestorer.from_dat(tmp_path / "plain", context_dim=encoder.embed_dim, fusion_num_heads=2).eval()
+    restorer = DATRestorer.from_dat(loaded, context_dim=encoder.embed_dim, fusion_num_heads=2).eval()
     with torch.no_grad():
         assert restorer.needs_features and torch.equal(restorer.super_resolve(lr, encoder=encoder), dat(lr))
     restorer.save_pretrained(tmp_path / "fused")

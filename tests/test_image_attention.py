@@ -11,10 +11,10 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
+from dalpsr.loaders.seesr import load_seesr_controlnet, load_seesr_unet
 from dalpsr.models.image_attention import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 from dalpsr.pipelines.pipeline_dalpsr import build_lr_controlnet
 from dalpsr.testing import TINY_IMAGE_DIM, TINY_TEXT_DIM, get_dummy_components
-from dalpsr.weights.seesr import load_seesr_controlnet, load_seesr_unet
 
 CROSS_BLOCKS = {"UNet2DConditionModel": ("down_blocks.1.", "mid_block.", "up_blocks.0."), "ControlNetModel": None}
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dalpsr.cli import main
-from dalpsr.degradations.cli import make_pairs, pair_names
+from dalpsr.data.make_pairs import make_pairs, pair_names
 from dalpsr.degradations.vocabulary import text_to_labels
 
 REPO = Path(__file__).resolve().parents[1]

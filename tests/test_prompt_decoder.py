@@ -140,7 +140,7 @@ def test_degradation_metrics_known_values():
 
 
 def test_describe_image_averages_a_grid_of_crops():
-    from dalpsr.cli_degradation import describe_image, grid_crops
+    from dalpsr.models.prompt_decoder import describe_image, grid_crops
     from dalpsr.testing import get_dummy_degradation_models
 
     encoder, decoder = get_dummy_degradation_models()

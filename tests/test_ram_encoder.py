@@ -11,14 +11,14 @@ from safetensors import safe_open
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
-from dalpsr.models.ram_encoder import IMAGENET_MEAN, IMAGENET_STD, RAMImageEncoder
-from dalpsr.weights.seesr import (
+from dalpsr.loaders.seesr import (
     convert_ram_encoder,
     infer_ram_encoder_config,
     load_ram_encoder,
     merge_dape_lora,
     read_checkpoint,
 )
+from dalpsr.models.ram_encoder import IMAGENET_MEAN, IMAGENET_STD, RAMImageEncoder
 
 TINY = dict(img_size=64, patch_size=4, embed_dim=8, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=4)
 

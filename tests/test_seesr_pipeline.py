@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from dalpsr.loaders.seesr import SEESR_NEGATIVE_PROMPT, seesr_call_kwargs
 from dalpsr.models.image_attention import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
 from dalpsr.testing import get_dummy_components, get_dummy_image_encoder, get_dummy_seesr_components
-from dalpsr.weights.seesr import SEESR_NEGATIVE_PROMPT, seesr_call_kwargs
 
 RUN = dict(prompt="a red house", upscale=2, num_inference_steps=3, output_type="pt")
 
@@ -166,7 +166,7 @@ def _write_seesr_release(root: Path) -> dict:
 
 
 def test_from_seesr_builds_a_working_pipeline(tmp_path, monkeypatch):
-    import dalpsr.weights.seesr as seesr
+    import dalpsr.loaders.seesr as seesr
 
     paths = _write_seesr_release(tmp_path)
     # The tiny RAM checkpoint is 32 px; the real one is 384 (the default).

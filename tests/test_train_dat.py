@@ -77,7 +77,7 @@ def args_for(train, data: Path, out: Path, *extra: str):
 
 
 def test_train_resume_validate_and_load(train, data, tmp_path, caplog):
-    from dalpsr.models.fusion import load_restorer
+    from dalpsr.loaders.restorers import load_restorer
 
     caplog.set_level(logging.INFO)
     full = train.main(args_for(train, data, tmp_path / "full"))

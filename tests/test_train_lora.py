@@ -194,7 +194,7 @@ def test_saved_lora_loads_into_the_pipeline_and_changes_its_output(work, run_a):
 def test_pairs_folder_pipeline_dir_full_controlnet_and_bf16(work, tmp_path):
     from diffusers import ControlNetModel
 
-    from dalpsr.degradations.cli import make_pairs
+    from dalpsr.data.make_pairs import make_pairs
 
     pipeline_dir = tmp_path / "pipe"
     tiny_pipeline(work).save_pretrained(pipeline_dir)

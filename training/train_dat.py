@@ -49,7 +49,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model_config",
         default="train_dat_light_tiny.json",
-        help="JSON with dat/fusion/encoder/data sections: a path, or a file name in dalpsr.configs",
+        help="JSON with dat/fusion/encoder/data sections: a path, or a file name in configs/",
     )
     p.add_argument("--pretrained_dat", default=None, help="start from an official DAT checkpoint or DAT folder")
     p.add_argument(
@@ -104,7 +104,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model_config(name_or_path: str) -> dict:
-    """A run config from a path, or by file name from the configs shipped as `dalpsr.configs`."""
+    """A run config from a path, or by file name from the configs shipped in `configs/`."""
     path, cfg = read_model_config(name_or_path)
     unknown = set(cfg) - CONFIG_SECTIONS
     if unknown or "dat" not in cfg:
@@ -211,13 +211,15 @@ def main(args: argparse.Namespace) -> Path:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from dalpsr.cli_degradation import usable_images
     from dalpsr.data.pairs import HRFolderPairs
-    from dalpsr.degradations.cli import crop_seed
     from dalpsr.degradations.config import preset
     from dalpsr.degradations.pipeline import degrade
-    from dalpsr.image_io import atomic_write_bytes
-    from dalpsr.models.fusion import ENCODER_SUBFOLDER, RESTORER_SUBFOLDER, DATRestorer
+    from dalpsr.image_io import atomic_write_bytes, list_images, usable_images
+    from dalpsr.loaders.dat import load_dat_checkpoint
+    from dalpsr.loaders.degradation import ENCODER_SUBFOLDER
+    from dalpsr.loaders.restorers import RESTORER_SUBFOLDER
+    from dalpsr.models.fusion import DATRestorer
+    from dalpsr.runtime import derive_seed, mix_seed
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -241,7 +243,7 @@ def main(args: argparse.Namespace) -> Path:
         fusion = {"fusion_layers": []}
     context_dim = encoder.embed_dim if encoder is not None else 512
     if args.pretrained_dat:
-        model = DATRestorer.from_dat(args.pretrained_dat, context_dim=context_dim, **fusion)
+        model = DATRestorer.from_dat(load_dat_checkpoint(args.pretrained_dat), context_dim=context_dim, **fusion)
     else:
         model = DATRestorer(dat_config=dat_config_from(cfg["dat"]), context_dim=context_dim, **fusion)
     if model.scale != scale:
@@ -258,6 +260,11 @@ def main(args: argparse.Namespace) -> Path:
 
     parts = []
     for root in args.train_data_dir:
+        paths, skipped = usable_images(list_images([root], recursive=args.recursive), hr_size)
+        for path, reason in skipped:
+            logger.warning(f"skipping {path}: {reason}")
+        if not paths:
+            continue
         pairs = HRFolderPairs(
             root,
             size=hr_size,
@@ -265,14 +272,10 @@ def main(args: argparse.Namespace) -> Path:
             config=degradation_config,
             crops_per_image=args.crops_per_image,
             seed=args.seed,
-            recursive=args.recursive,
             degrade=False,
+            paths=paths,
         )
-        pairs.paths, skipped = usable_images(pairs.paths, hr_size)
-        for path, reason in skipped:
-            logger.warning(f"skipping {path}: {reason}")
-        if pairs.paths:
-            parts.append(pairs)
+        parts.append(pairs)
     if not parts:
         raise ValueError(f"`--train_data_dir` {args.train_data_dir} has no image of at least {hr_size} pixels.")
     dataset = ConcatDataset(parts)
@@ -368,11 +371,11 @@ def main(args: argparse.Namespace) -> Path:
         epoch_loader.set_epoch(epoch)
         for batch in epoch_loader:
             # stochastic depth draws from the global RNG: seed it per step so a resumed run repeats the same draws
-            torch.manual_seed((args.seed * 1_000_003 + micro_step) * 64 + accelerator.process_index)
+            torch.manual_seed(mix_seed(args.seed, micro_step) * 64 + accelerator.process_index)
             micro_step += 1
             with accelerator.accumulate(model):
                 # the LR's degradation seed derives from the crop seed (which already placed the crop)
-                seeds = [crop_seed(int(s), "degradation", 0) for s in batch["seed"]]
+                seeds = [derive_seed(int(s), "degradation", 0) for s in batch["seed"]]
                 hr = batch["hr"].float()
                 lr = degrade(hr.cpu(), degradation_config, scale=scale, seeds=seeds).lr.to(hr.device)
                 features = None

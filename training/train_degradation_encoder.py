@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader
 
 from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
@@ -44,7 +44,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model_config",
         default="degradation_encoder_tiny.json",
-        help="JSON with encoder/decoder/data sections: a path, or a file name in dalpsr.configs",
+        help="JSON with encoder/decoder/data sections: a path, or a file name in configs/",
     )
     p.add_argument("--pretrained_open_clip", default=None, help="open_clip checkpoint file or tag for the frozen model")
     p.add_argument(
@@ -86,7 +86,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_model_config(name_or_path: str) -> dict:
-    """A model config from a path, or by file name from the configs shipped as `dalpsr.configs`."""
+    """A model config from a path, or by file name from the configs shipped in `configs/`."""
     path, cfg = read_model_config(name_or_path)
     unknown = set(cfg) - {"encoder", "decoder", "data"}
     if unknown or "encoder" not in cfg or "decoder" not in cfg:
@@ -94,24 +94,6 @@ def load_model_config(name_or_path: str) -> dict:
             f"`--model_config` {path} needs 'encoder' and 'decoder' (and optional 'data') sections; got {sorted(cfg)}."
         )
     return cfg
-
-
-class SourcedCrops(Dataset):
-    """HRFolderPairs items plus "source": the image path relative to its folder (the caption cache key)."""
-
-    def __init__(self, pairs) -> None:
-        self.pairs = pairs
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.pairs.set_epoch(epoch)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.pairs[index]
-        item["source"] = self.pairs.paths[index // self.pairs.crops_per_image].relative_to(self.pairs.root).as_posix()
-        return item
 
 
 def multi_positive_infonce(image_embeds: torch.Tensor, texts: list[str], text_embeds: dict, scale: torch.Tensor):
@@ -138,15 +120,10 @@ def main(args: argparse.Namespace) -> Path:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from dalpsr.cli_degradation import (
-        DATA_FILE,
-        DECODER_SUBFOLDER,
-        ENCODER_SUBFOLDER,
-        evaluate_degradation,
-        usable_images,
-    )
     from dalpsr.data.pairs import HRFolderPairs
-    from dalpsr.image_io import atomic_write_bytes
+    from dalpsr.evaluation.degradation import evaluate_degradation
+    from dalpsr.image_io import atomic_write_bytes, list_images, usable_images
+    from dalpsr.loaders.degradation import DATA_FILE, DECODER_SUBFOLDER, ENCODER_SUBFOLDER
     from dalpsr.models.degradation_encoder import DegradationEncoder
     from dalpsr.models.prompt_decoder import RestorationPromptDecoder
 
@@ -187,6 +164,11 @@ def main(args: argparse.Namespace) -> Path:
 
     parts = []
     for root in args.train_data_dir:
+        paths, skipped = usable_images(list_images([root], recursive=args.recursive), hr_size)
+        for path, reason in skipped:
+            logger.warning(f"skipping {path}: {reason}")
+        if not paths:
+            continue
         pairs = HRFolderPairs(
             root,
             size=hr_size,
@@ -194,13 +176,9 @@ def main(args: argparse.Namespace) -> Path:
             config=degradation,
             crops_per_image=args.crops_per_image,
             seed=args.seed,
-            recursive=args.recursive,
+            paths=paths,
         )
-        pairs.paths, skipped = usable_images(pairs.paths, hr_size)
-        for path, reason in skipped:
-            logger.warning(f"skipping {path}: {reason}")
-        if pairs.paths:
-            parts.append(SourcedCrops(pairs))
+        parts.append(pairs)
     if not parts:
         raise ValueError(f"`--train_data_dir` {args.train_data_dir} has no image of at least {hr_size} pixels.")
     dataset = ConcatDataset(parts)

@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dalpsr.degradations.cli import crop_seed
+from dalpsr.data import HRFolderPairs, PairsFolder
 from dalpsr.degradations.config import PRESETS
-from dalpsr.image_io import RGBImage, atomic_write_bytes, save_image_atomic
+from dalpsr.image_io import RGBImage, atomic_write_bytes, list_images, read_image_size, save_image_atomic, usable_images
 from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
+from dalpsr.runtime import atomic_directory, derive_seed, mix_seed, seeded_generator
 from dalpsr.training_utils import resolve_checkpoint, resume_state, save_checkpoint
 
 LORA_TARGETS = ("unet", "controlnet")
@@ -345,17 +346,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the file header, or None when unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:  # noqa: BLE001 - any decoder failure means "unreadable"; reported by the caller
-        return None
-
-
 class TrainPairs(Dataset):
     """Training items from an HR folder (degraded later, on the device) or a make-pairs folder, with captions.
 
@@ -396,13 +386,14 @@ class TrainPairs(Dataset):
         random_flip: bool = False,
         seed: int = 0,
     ) -> None:
-        from dalpsr.data import HRFolderPairs, PairsFolder
-
         self.resolution, self.scale, self.seed = resolution, scale, seed
         self.random_flip = random_flip
         self.skipped: list[tuple[str, str]] = []
         captions = captions or {}
         if train_data_dir:
+            root = Path(train_data_dir)
+            kept, skipped = usable_images(list_images([root], recursive=recursive), resolution)
+            self.skipped.extend(skipped)
             self.base = HRFolderPairs(
                 train_data_dir,
                 size=resolution,
@@ -410,28 +401,16 @@ class TrainPairs(Dataset):
                 config=preset,
                 crops_per_image=crops_per_image,
                 seed=seed,
-                recursive=recursive,
                 degrade=False,
+                paths=kept,
             )
-            root = Path(train_data_dir)
-            kept = []
-            for path in self.base.paths:
-                size = _image_size(path)
-                if size is None:
-                    self.skipped.append((str(path), "unreadable"))
-                elif min(size) < resolution:
-                    self.skipped.append((str(path), f"{size[0]}×{size[1]} is smaller than --resolution {resolution}"))
-                else:
-                    kept.append(path)
-            self.base.paths = kept
             keys = [[p.relative_to(root).as_posix()] for p in kept]
             self.captions = [self._caption(k, captions, default_caption) for k in keys for _ in range(crops_per_image)]
         else:
-            self.base = PairsFolder(pairs_dir)
             root = Path(pairs_dir)
             kept = []
-            for record in self.base.records:
-                hr_size, lr_size = _image_size(root / record["hr"]), _image_size(root / record["lr"])
+            for record in PairsFolder(pairs_dir).records:
+                hr_size, lr_size = read_image_size(root / record["hr"]), read_image_size(root / record["lr"])
                 if hr_size is None or lr_size is None:
                     self.skipped.append((record["hr"], "unreadable hr or lr file"))
                 elif hr_size != (lr_size[0] * scale, lr_size[1] * scale):
@@ -440,7 +419,7 @@ class TrainPairs(Dataset):
                     self.skipped.append((record["hr"], f"{hr_size} is smaller than --resolution {resolution}"))
                 else:
                     kept.append(record)
-            self.base.records = kept
+            self.base = PairsFolder(pairs_dir, records=kept)
             keys = [[r.get("source"), r["hr"], Path(r["hr"]).name] for r in kept]
             self.captions = [self._caption(k, captions, default_caption) for k in keys]
         self.num_captioned = sum(c is not None for c in self.captions)
@@ -465,13 +444,13 @@ class TrainPairs(Dataset):
         self.epoch = int(epoch)
         if hasattr(self.base, "set_epoch"):
             self.base.set_epoch(self.epoch)
-        g = torch.Generator().manual_seed(crop_seed(self.seed, "order", self.epoch))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
         self.order = torch.randperm(len(self), generator=g).tolist()
 
     def __getitem__(self, index: int) -> dict:
         j = self.order[index]
         item = self.base[j]
-        item_seed = crop_seed(self.seed * 1_000_003 + self.epoch, "item", j)
+        item_seed = derive_seed(mix_seed(self.seed, self.epoch), "item", j)
         item["caption"] = self.captions[j]
         hr = item["hr"]
         if "lr" in item:
@@ -500,7 +479,7 @@ class TrainPairs(Dataset):
 
 def batch_generator(seed: int, process_index: int, epoch: int, step: int) -> torch.Generator:
     """CPU generator for one micro-batch's noise, timesteps, VAE sampling and prompt dropout."""
-    return torch.Generator().manual_seed(crop_seed(seed * 1_000_003 + process_index, f"batch/{epoch}", step))
+    return seeded_generator(mix_seed(seed, process_index), f"batch/{epoch}", step)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -788,10 +767,10 @@ def main(args: argparse.Namespace) -> dict:
             out = degrade(hr, degradation, scale=args.scale, seeds=batch["seed"].tolist())
             lr, degradation_prompts = out.lr, out.prompts  # B×3×S/s×S/s
         # The LR-branch condition and (SeeSR weights only) the image embeddings exactly as the pipeline prepares
-        # them: `prepare_condition` (bicubic upsampling, clamp, padding) and `_image_attention_kwargs` ({} without
+        # them: `prepare_image` (bicubic upsampling, clamp, padding) and `_image_attention_kwargs` ({} without
         # image cross-attention).
         lr_images = [RGBImage(x) for x in lr]
-        _, cond = pipe.prepare_condition(lr_images, args.scale, device, weight_dtype)
+        _, cond = pipe.prepare_image(lr_images, args.scale, device, weight_dtype)
         with torch.no_grad():
             image_kwargs = pipe.image_attention_kwargs(lr_images, device, weight_dtype, do_cfg=False)
         cn_texts, unet_texts = route_prompts(
@@ -800,8 +779,8 @@ def main(args: argparse.Namespace) -> dict:
         drop = (torch.rand(bsz, generator=g) < args.proportion_empty_prompts).tolist()
         cn_texts = ["" if d else t for d, t in zip(drop, cn_texts)]
         unet_texts = ["" if d else t for d, t in zip(drop, unet_texts)]
-        unet_embeds = pipe.encode_prompt(unet_texts, device, weight_dtype)  # B×77×D
-        cn_embeds = unet_embeds if cn_texts == unet_texts else pipe.encode_prompt(cn_texts, device, weight_dtype)
+        unet_embeds = pipe.encode_prompt(unet_texts, device)[0].to(weight_dtype)  # B×77×D
+        cn_embeds = unet_embeds if cn_texts == unet_texts else pipe.encode_prompt(cn_texts, device)[0].to(weight_dtype)
         with torch.no_grad():
             posterior = vae.encode(hr.to(weight_dtype) * 2 - 1).latent_dist
             latents = posterior.sample(generator=g) * vae.config.scaling_factor  # B×4×S/8×S/8
@@ -934,11 +913,8 @@ def main(args: argparse.Namespace) -> dict:
         if layers:
             DaLPSRPipeline.save_lora_weights(output_dir, **layers, save_function=save_safetensors)
         if args.train_controlnet_full:
-            partial = output_dir / "controlnet.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            accelerator.unwrap_model(controlnet_fwd).save_pretrained(partial)
-            shutil.rmtree(output_dir / "controlnet", ignore_errors=True)
-            partial.rename(output_dir / "controlnet")
+            with atomic_directory(output_dir / "controlnet", overwrite=True) as tmp:
+                accelerator.unwrap_model(controlnet_fwd).save_pretrained(tmp)
         atomic_write_bytes(output_dir / ARGS_FILE, json.dumps(json_args(args), indent=2).encode())
         validate(global_step)
         logger.info("saved the trained weights in %s", output_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from dalpsr.batch import plan_jobs, run_jobs
@@ -117,8 +116,19 @@ def build_engine(args):
         pipe = pipe.to(device)
     else:
         pipe, device = load_pipeline(kind, settings.model, args.controlnet, args.device, args.dtype)
-    settings.device, settings.diffusion = str(device), diffusion_call_kwargs(args)
-    return DiffusionEngine(pipe, seed=args.seed, **settings.diffusion), settings
+    settings.device = str(device)
+    settings.diffusion = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "start_strength": args.start_strength,
+        "controlnet_conditioning_scale": args.controlnet_conditioning_scale,
+        "color_fix": args.color_fix,
+        "text_routing": args.text_routing,
+        "prompt": args.prompt,
+        "degradation_prompt": args.degradation_prompt,
+        "negative_prompt": args.negative_prompt,
+    }
+    return DiffusionEngine(pipe, seed=args.seed, **diffusion_call_kwargs(args)), settings
 
 
 def run_upscale(args) -> int:
@@ -139,7 +149,7 @@ def run_upscale(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "dalpsr_upscale.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+    (out_dir / "dalpsr_upscale.json").write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
     failures = run_jobs(plan.todo, engine, out_dir / "dalpsr_upscale.jsonl", f"upscale ({engine.name})", args.format)
     done = len(plan.todo) - len(failures)
     print(f"upscaled {done}, skipped {len(plan.existing)} existing, failed {len(failures)} -> {out_dir}")

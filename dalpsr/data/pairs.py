@@ -19,7 +19,7 @@ from dalpsr.degradations.kernels import randint
 from dalpsr.degradations.pipeline import degrade_image
 from dalpsr.degradations.vocabulary import text_to_labels
 from dalpsr.image_io import list_images, load_image
-from dalpsr.runtime import derive_seed
+from dalpsr.runtime import derive_seed, mix_seed
 
 
 class HRFolderPairs(Dataset):
@@ -86,7 +86,7 @@ class HRFolderPairs(Dataset):
             raise IndexError(f"`index` {index} out of range for {len(self)} items.")
         path = self.paths[index // self.crops_per_image]
         source = path.relative_to(self.root).as_posix()
-        seed = derive_seed(self.seed, self.epoch, source, index % self.crops_per_image)
+        seed = derive_seed(mix_seed(self.seed, self.epoch), source, index % self.crops_per_image)
         rgb = load_image(path).rgb
         _, h, w = rgb.shape
         if min(h, w) < self.size:

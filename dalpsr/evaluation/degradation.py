@@ -17,6 +17,8 @@ def labelled_crops(
     images_dir, crop_size: int, scale: int, degradation: str, n: int, seed: int, recursive: bool = False
 ):
     """(dataset, indices, skipped): `n` reproducible degraded crops over a folder of HR images."""
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"`images` must be an existing folder of HR images; got {str(images_dir)!r}.")
     paths, skipped = usable_images(list_images([images_dir], recursive=recursive), crop_size)
     if not paths:
         raise ValueError(f"`images` {images_dir} has no image of at least {crop_size}×{crop_size} pixels.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput, logging
 from torch import nn
+
+from dalpsr.checkpoint_io import read_state_dict as read_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -334,8 +337,6 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
                 or an open_clip pretrained tag, resolved through open_clip's cache (needs the hub unless cached).
             kwargs: other `__init__` arguments.
         """
-        from dalpsr.weights.daclip import read_state_dict
-
         model = cls(clip_model=clip_model, **kwargs)
         path = str(pretrained)
         if not os.path.isfile(path):
@@ -355,8 +356,6 @@ class DegradationEncoder(ModelMixin, ConfigMixin):
                 "daclip_" prefixes are stripped).
             kwargs: other `__init__` arguments. The token head is not in DA-CLIP and stays as initialised.
         """
-        from dalpsr.weights.daclip import convert_daclip_state_dict, read_state_dict
-
         if isinstance(model, str) and model.startswith("daclip_"):
             model = model[len("daclip_") :]
         encoder = cls(clip_model=model, **kwargs)
@@ -400,3 +399,88 @@ def _resolve_open_clip_tag(clip_model: str | dict, tag: str) -> str:
             f"open_clip weights {clip_model}/{tag} are not in the local cache and could not be downloaded ({err}); "
             "pass the checkpoint file as `pretrained`."
         ) from err
+
+
+# ------------------------------------------------------------------------------------------- DA-CLIP layout
+# Read open_clip / DA-CLIP checkpoints and convert DA-CLIP's layout to `DegradationEncoder`.
+#
+# DA-CLIP (github.com/Algolzw/daclip-uir, `da-clip/src/open_clip/daclip_model.py`) saves the state dict of
+# its `DaCLIP` module:
+# - `clip.*`: the whole open_clip CLIP (image and text towers, `clip.logit_scale`);
+# - `visual.*`: the same image tower again (DaCLIP registers `clip.visual` a second time as `visual`);
+# - `visual_control.*`: the controller, a copy of the image tower whose transformer is wrapped, so its
+#   blocks are `visual_control.transformer.transformer.resblocks.N.*` and its zero modules
+#   `visual_control.transformer.zero_modules.N.{weight,bias}`; other tower parts (`conv1`, embeddings,
+#   `ln_pre`, `ln_post`, `proj`) sit directly under `visual_control.`;
+# - `logit_scale`: DaCLIP's own temperature.
+# Training checkpoints wrap it as `{"state_dict": ..., "epoch": ...}`, possibly with DDP `module.` prefixes.
+_CHECKPOINT_WRAPPERS = ("state_dict", "model", "module")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A DA-CLIP / open_clip state dict from a file; `{"state_dict": ...}` / `{"model": ...}` wrappers and DDP
+    `module.` prefixes are removed."""
+    return read_checkpoint(path, wrapper_keys=_CHECKPOINT_WRAPPERS)
+
+
+_CTRL_BLOCK = re.compile(r"^visual_control\.transformer\.transformer\.resblocks\.(\d+)\.(.+)$")
+_CTRL_ZERO = re.compile(r"^visual_control\.transformer\.zero_modules\.(\d+)\.(weight|bias)$")
+
+
+def convert_daclip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DA-CLIP keys → `DegradationEncoder` keys.
+
+    `clip.*` → `clip.*`; controller blocks → `controller.transformer.resblocks.N.*`; zero modules →
+    `zero_modules.N.*`; other `visual_control.*` → `controller.*`; `logit_scale` → `logit_scale`.
+    The duplicate `visual.*` copy is dropped (used only where `clip.visual.*` is absent).
+
+    Raises:
+        ValueError: no DA-CLIP controller keys, or keys outside the layout.
+    """
+    if not any(k.startswith("visual_control.") for k in state):
+        raise ValueError(
+            "`state` is not a DA-CLIP checkpoint: no `visual_control.*` keys "
+            f"(first keys: {list(state)[:5]}). For plain open_clip weights use `DegradationEncoder.from_open_clip`."
+        )
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state.items():
+        if key.startswith("clip."):
+            out[key] = value
+        elif key.startswith("visual."):
+            out.setdefault("clip." + key, value)
+        elif m := _CTRL_BLOCK.match(key):
+            out[f"controller.transformer.resblocks.{m.group(1)}.{m.group(2)}"] = value
+        elif m := _CTRL_ZERO.match(key):
+            out[f"zero_modules.{m.group(1)}.{m.group(2)}"] = value
+        elif key.startswith("visual_control.transformer."):
+            unknown.append(key)
+        elif key.startswith("visual_control."):
+            out["controller." + key[len("visual_control.") :]] = value
+        elif key == "logit_scale":
+            out[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"`state` has keys outside DA-CLIP's layout, e.g. {unknown[:5]} ({len(unknown)}).")
+    return out
+
+
+def to_daclip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`DegradationEncoder` keys → DA-CLIP keys (the inverse of `convert_daclip_state_dict`, with the
+    `visual.*` duplicate); the token head, which DA-CLIP lacks, is left out."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("clip."):
+            out[key] = value
+            if key.startswith("clip.visual."):
+                out[key[len("clip.") :]] = value
+        elif key.startswith("controller.transformer.resblocks."):
+            out["visual_control.transformer.transformer." + key[len("controller.transformer.") :]] = value
+        elif key.startswith("controller."):
+            out["visual_control." + key[len("controller.") :]] = value
+        elif key.startswith("zero_modules."):
+            out["visual_control.transformer." + key] = value
+        elif key == "logit_scale":
+            out[key] = value
+    return out

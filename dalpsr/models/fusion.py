@@ -27,7 +27,6 @@ What differs:
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -47,8 +46,6 @@ logger = logging.getLogger(__name__)
 
 FUSION_TYPES = ("srclip", "dqa", None)
 FEATURE_SOURCES = ("clip", "lpe")
-RESTORER_SUBFOLDER = "restorer"
-ENCODER_SUBFOLDER = "degradation_encoder"
 _DAT_ARGS = tuple(n for n in inspect.signature(DAT.__init__).parameters if n != "self")
 
 
@@ -290,25 +287,48 @@ class DATRestorer(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------- set-up
     @classmethod
-    def from_dat(
-        cls, dat: DAT | str | os.PathLike, context_dim: int = 512, param_key: str | None = None, **kwargs
-    ) -> DATRestorer:
+    def from_dat(cls, dat: DAT | str | os.PathLike, context_dim: int = 512, **kwargs) -> DATRestorer:
         """A restorer whose DAT is `dat` (weights copied) and whose fresh fusion blocks are the identity.
 
         Args:
-            dat: a `DAT`, an official checkpoint (`.pth` / `.safetensors`) or a converted DAT folder.
+            dat: a `DAT` or a DAT folder (`DAT.from_pretrained`); official checkpoint files load with
+                `dalpsr.loaders.load_dat_checkpoint`.
             context_dim: the encoder's embedding width D.
-            param_key: checkpoint entry (see `dalpsr.weights.dat.read_dat_state_dict`).
             kwargs: other `__init__` arguments (fusion settings).
         """
         if not isinstance(dat, DAT):
-            from dalpsr.weights.dat import load_dat_checkpoint
-
-            dat = load_dat_checkpoint(dat, param_key)
+            dat = DAT.from_pretrained(dat)
         config = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dat.config.items() if k in _DAT_ARGS}
         restorer = cls(dat_config=config, context_dim=context_dim, **kwargs)
         restorer.dat.load_state_dict(dat.state_dict(), strict=True)
         return restorer
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DATRestorer:
+        """`ModelMixin.from_pretrained`, accepting weight files saved without DAT's `attn_mask_*` buffers.
+
+        Those shifted-window masks are fixed functions of `img_size`, rebuilt when the model is built, and 34 MB
+        in float32 for DAT-light; the shipped weights leave them out. diffusers would report them as "newly
+        initialized" weights to train, so its warning is silenced here and any other missing tensor is reported.
+        """
+        from diffusers.utils import logging as diffusers_logging
+        from safetensors import safe_open
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        path = Path(pretrained_model_name_or_path) / kwargs.get("subfolder", "")
+        stored: set[str] = set()
+        for file in path.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as f:
+                stored.update(f.keys())
+        missing = [k for k in model.state_dict() if k not in stored and ".attn_mask_" not in k]
+        if stored and missing:
+            logger.warning(f"{path}: these weights are missing and keep their initial values: {missing}")
+        return model
 
     @property
     def scale(self) -> int:
@@ -496,92 +516,4 @@ class DATRestorer(ModelMixin, ConfigMixin):
         return tiled_forward(run, lr, self.scale, tile_size, tile_overlap, dtype)
 
 
-def _from_pretrained_without_masks(path: Path) -> DATRestorer:
-    """`DATRestorer.from_pretrained`, accepting weight files saved without DAT's `attn_mask_*` buffers.
-
-    Those shifted-window masks are fixed functions of `img_size`, rebuilt when the model is built, and 34 MB in
-    float32 for DAT-light; the shipped weights leave them out. diffusers would report them as "newly initialized"
-    weights to train, so its warning is silenced here and any other missing tensor is reported instead.
-    """
-    from diffusers.utils import logging as diffusers_logging
-    from safetensors import safe_open
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        model = DATRestorer.from_pretrained(path)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    stored: set[str] = set()
-    for file in path.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            stored.update(f.keys())
-    missing = [k for k in model.state_dict() if k not in stored and ".attn_mask_" not in k]
-    if stored and missing:
-        logger.warning(f"{path}: these weights are missing and keep their initial values: {missing}")
-    return model
-
-
-def load_restorer(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> tuple[DATRestorer, DegradationEncoder | None]:
-    """Load a restorer (and the encoder its fusion blocks need) for inference, in eval mode.
-
-    `path` may be:
-    - a folder with `restorer/` (and `degradation_encoder/`): training output or a saved `DaLPSRPipeline`;
-    - a `DATRestorer` folder (`config.json` + weights), with the encoder in `degradation_encoder/` inside it
-      or beside it;
-    - a plain DAT folder (converted with `dalpsr.weights.dat`) or an official DAT checkpoint file
-      (`.pth` / `.safetensors`): wrapped as a restorer without fusion blocks.
-
-    Args:
-        path: see above.
-        device: device to move the models to.
-        dtype: weight dtype (None keeps float32).
-
-    Raises:
-        FileNotFoundError: nothing loadable at `path`, or fusion blocks without an encoder folder.
-    """
-    path = Path(path)
-    encoder_dirs: list[Path] = []
-    if path.is_file():
-        model = DATRestorer.from_dat(path, fusion_layers=[])
-    elif path.is_dir():
-        if (path / RESTORER_SUBFOLDER / "config.json").is_file():
-            encoder_dirs.append(path / ENCODER_SUBFOLDER)
-            path = path / RESTORER_SUBFOLDER
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} has no config.json nor {RESTORER_SUBFOLDER}/config.json; expected a DATRestorer or DAT "
-                "folder, training/train_dat.py output, or an official DAT checkpoint file."
-            )
-        class_name = json.loads((path / "config.json").read_text()).get("_class_name")
-        if class_name == "DAT":
-            model = DATRestorer.from_dat(DAT.from_pretrained(path), fusion_layers=[])
-        elif class_name == "DATRestorer":
-            model = _from_pretrained_without_masks(path)
-        else:
-            raise FileNotFoundError(f"{path}/config.json describes {class_name!r}, not a DATRestorer or DAT.")
-        encoder_dirs += [path / ENCODER_SUBFOLDER, path.parent / ENCODER_SUBFOLDER]
-    else:
-        raise FileNotFoundError(f"Restorer not found: {path} is neither a folder nor a checkpoint file.")
-    encoder = None
-    if model.needs_features:
-        found = next((d for d in encoder_dirs if (d / "config.json").is_file()), None)
-        if found is None:
-            raise FileNotFoundError(
-                f"The restorer at {path} has fusion blocks and needs its degradation encoder; looked in "
-                f"{', '.join(str(d) for d in dict.fromkeys(encoder_dirs))} (no config.json)."
-            )
-        encoder = DegradationEncoder.from_pretrained(found).to(device).eval()
-        if encoder.embed_dim != model.config.context_dim:
-            raise ValueError(
-                f"The encoder at {found} has embedding width {encoder.embed_dim}, the restorer expects "
-                f"context_dim={model.config.context_dim}."
-            )
-    model = model.to(device) if dtype is None else model.to(device=device, dtype=dtype)
-    model.eval()
-    return model, encoder
-
-
-__all__ = ["DATRestorer", "FeatureProjection", "FusionAttention", "FusionBlock", "load_restorer"]
+__all__ = ["DATRestorer", "FeatureProjection", "FusionAttention", "FusionBlock"]

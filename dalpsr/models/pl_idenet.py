@@ -25,6 +25,8 @@ What differs:
 - The kernel loss blurs and downsamples with this project's degradation ops (reflect-padded blur, antialiased
   bicubic), the same ones the "setting1"/"setting2" presets use to make the training LR.
 - The SwinIR body pads its input to a multiple of the window (reflect) and builds shift masks per input size.
+- Optional `bicubic_skip` (off by default, on in the tiny CPU config): the upsampler predicts a residual over the
+  bicubic-upsampled LR, so a short run does not spend its first steps learning to reproduce the image.
 """
 
 from __future__ import annotations
@@ -337,6 +339,8 @@ class PLIDENet(ModelMixin, ConfigMixin):
         prompt_num_heads: heads of each group's prompt interaction block.
         prompt_expansion: feed-forward expansion of the prompt interaction block.
         detach_kernel: feed the restorer a detached kernel (the paper: only the kernel loss trains the estimator).
+        bicubic_skip: add the bicubic-upsampled LR to the upsampler's output (not in the paper; it starts the
+            Wiener layer from a meaningful image, which short training runs need).
     """
 
     @register_to_config
@@ -361,6 +365,7 @@ class PLIDENet(ModelMixin, ConfigMixin):
         prompt_num_heads: tuple[int, ...] = (1, 2, 4, 8),
         prompt_expansion: float = 2.66,
         detach_kernel: bool = True,
+        bicubic_skip: bool = False,
     ) -> None:
         super().__init__()
         if scale not in (2, 3, 4, 8):
@@ -449,7 +454,10 @@ class PLIDENet(ModelMixin, ConfigMixin):
             raise ValueError(f"`lr` must be a B×3×h×w tensor with h, w >= 8; got {shape}.")
         kernel = self.estimate_kernel(lr)
         k = kernel.detach() if self.config.detach_kernel else kernel
-        deconvolved = self.wiener(self.upsampler(lr), k)
+        upsampled = self.upsampler(lr)
+        if self.config.bicubic_skip:
+            upsampled = upsampled + F.interpolate(lr, size=upsampled.shape[-2:], mode="bicubic", align_corners=False)
+        deconvolved = self.wiener(upsampled, k)
         sample = self.restore(deconvolved, k)
         if not return_dict:
             return sample, kernel, deconvolved

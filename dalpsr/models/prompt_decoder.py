@@ -11,6 +11,7 @@ between neighbouring bins still reports the type) and then names its most probab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -264,3 +265,35 @@ def degradation_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict:
     )
     out["mean"] = {k: sum(v[k] for v in out["types"].values()) / vocabulary.NUM_TYPES for k in keys}
     return out
+
+
+def grid_crops(image, size: tuple[int, int], max_crops: int):
+    """Up to `max_crops` crops of `size` from a 3×H×W image, spread evenly over it (n×n grid, overlapping
+    when the image is not a multiple of `size`); the image itself when it is not larger than `size`."""
+    if not isinstance(max_crops, int) or max_crops < 1:
+        raise ValueError(f"`max_crops` must be a positive int; got {max_crops!r}.")
+    _, h, w = image.shape
+    th, tw = size
+    if h <= th and w <= tw:
+        return image.unsqueeze(0)
+    per_side = max(1, math.isqrt(max_crops))
+    rows = min(per_side, math.ceil(h / th)) if h > th else 1
+    cols = min(per_side, math.ceil(w / tw)) if w > tw else 1
+    tops = torch.linspace(0, max(0, h - th), rows).round().long().tolist()
+    lefts = torch.linspace(0, max(0, w - tw), cols).round().long().tolist()
+    return torch.stack([image[:, t : t + min(th, h), left : left + min(tw, w)] for t in tops for left in lefts])
+
+
+def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: float | None = None):
+    """`DegradationPrediction` of one 3×H×W image in [0, 1]: bin probabilities averaged over a grid of crops.
+
+    An encoder with `resize_mode="crop"` sees one centre crop of its input size; a larger image is read
+    through up to `max_crops` crops instead, so the report covers the whole image rather than its centre.
+    """
+    threshold = decoder.config.threshold if threshold is None else float(threshold)
+    crops = image.unsqueeze(0)
+    if encoder.config.resize_mode == "crop":
+        crops = grid_crops(image, encoder.image_size, max_crops)
+    with torch.no_grad():
+        logits = decoder(encoder.encode_images(crops.to(encoder.device)).degradation_tokens).float()
+    return prediction_from_probabilities(torch.sigmoid(logits).mean(0, keepdim=True), threshold)

@@ -9,7 +9,7 @@ alpha=1, on the q and v slices of every `qkv`) and feeds the 145 × 512 embeddin
 
 Here the Swin is timm's `SwinTransformer` (the `swin_large_patch4_window12_384` architecture); RAM checkpoints
 are converted with timm's filter for original-Swin keys and DAPE is merged into the `qkv` weights
-(`dalpsr.weights.seesr`). Differences: no tagging head (the MLLM caption replaces RAM's tags); `encode` takes
+(`dalpsr.loaders.seesr`). Differences: no tagging head (the MLLM caption replaces RAM's tags); `encode` takes
 RGB in [0, 1] at any size and resizes it bilinearly without antialiasing to the input size, as SeeSR's
 torchvision-0.15 `Resize` does on tensors.
 """

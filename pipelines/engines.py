@@ -1,0 +1,219 @@
+"""Upscale engines: what `dalpsr upscale` and the demo run on one image, loaded from wherever their weights are.
+
+- `DiffusionEngine`: `DaLPSRPipeline` (SD2 prior + LR ControlNet + degradation / caption prompts).
+- `RestorerEngine`: a regression restorer alone (`DATRestorer`, with the degradation encoder its fusion needs, or a
+  plain DAT), no diffusion weights.
+
+Each engine maps a `Job` (input file, output file, key) to a PIL image and a log record, so both share the batch
+semantics of `dalpsr.batch` (atomic writes, bad files reported and skipped, resume). Per-image seeds derive from
+the run seed and the job's key (its relative path), so an output does not depend on its position in the run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dalpsr.batch import Job
+from dalpsr.image_io import load_image, tensor_to_pil
+from dalpsr.loaders.manifest import shipped_weights
+from dalpsr.loaders.restorers import RESTORER_SUBFOLDER, load_restorer
+from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
+from dalpsr.runtime import resolve_device, resolve_dtype, seeded_generator
+
+DALPSR_HOME = Path(os.environ.get("DALPSR_HOME", Path.home() / ".cache" / "dalpsr"))
+DEFAULT_MODEL_DIR = DALPSR_HOME / "pipeline"
+RANDOM_WEIGHTS = "random-weights-for-testing"
+DAT_MODEL_ENV = "DALPSR_DAT_MODEL"
+DEFAULT_DAT_SUBFOLDER = "degradation_tiny"
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weights were found where an engine looked."""
+
+
+@dataclass
+class UpscaleSettings:
+    """Run settings of `dalpsr upscale`, written as JSON beside the outputs (`dalpsr_upscale.json`)."""
+
+    engine: str
+    model: str
+    upscale: float = 4
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    tile_size: int | None = None
+    tile_overlap: int | None = None
+    diffusion: dict = field(default_factory=dict)
+    restorer: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Flat JSON form: the common settings, then the engine's own."""
+        common = {k: v for k, v in asdict(self).items() if k not in ("diffusion", "restorer")}
+        return {**common, **self.diffusion, **self.restorer}
+
+
+# ------------------------------------------------------------------------------------------------ diffusion
+def resolve_pipeline_source(
+    model: str | None = None, sd2_base: str | None = None, random_weights: bool = False
+) -> tuple[str, str]:
+    """(kind, path) of the diffusion weights: "random", "pipeline" (a saved folder) or "sd2" (an SD2-base folder).
+
+    Looks at `model`, `sd2_base`, $DALPSR_MODEL, $DALPSR_SD2_BASE, then `DEFAULT_MODEL_DIR`.
+
+    Raises:
+        WeightsNotFoundError: none of them holds weights.
+    """
+    if random_weights:
+        return "random", RANDOM_WEIGHTS
+    if model:
+        return "pipeline", model
+    if sd2_base:
+        return "sd2", sd2_base
+    if os.environ.get("DALPSR_MODEL"):
+        return "pipeline", os.environ["DALPSR_MODEL"]
+    if os.environ.get("DALPSR_SD2_BASE"):
+        return "sd2", os.environ["DALPSR_SD2_BASE"]
+    if (DEFAULT_MODEL_DIR / "model_index.json").is_file():
+        return "pipeline", str(DEFAULT_MODEL_DIR)
+    raise WeightsNotFoundError(
+        "No DaLPSR weights found. Looked at: --model (not given), --sd2-base (not given), $DALPSR_MODEL and "
+        "$DALPSR_SD2_BASE (unset), "
+        f"{DEFAULT_MODEL_DIR} (no model_index.json). Provide Stable Diffusion 2 base weights as a local diffusers "
+        "folder with `--sd2-base PATH` (and a trained LR ControlNet with `--controlnet PATH`), or a saved "
+        "DaLPSRPipeline folder with `--model PATH` or $DALPSR_MODEL; see README 'Weights'. Without them, "
+        "`--engine dat` runs the shipped regression restorer offline."
+    )
+
+
+def load_pipeline(
+    kind: str,
+    path: str,
+    controlnet: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> tuple[DaLPSRPipeline, torch.device]:
+    """Load the pipeline `resolve_pipeline_source` found, on `device` in `dtype` ("auto": fp16 on CUDA).
+
+    Kind "random" is built by the caller (`dalpsr.testing.get_dummy_pipeline`); library code never imports it.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    if kind == "sd2":
+        pipe = DaLPSRPipeline.from_sd2(path, controlnet=controlnet, torch_dtype=torch_dtype)
+    else:
+        if not (Path(path) / "model_index.json").is_file():
+            raise WeightsNotFoundError(
+                f"{path} is not a saved DaLPSRPipeline folder (no model_index.json); see README 'Weights'."
+            )
+        pipe = DaLPSRPipeline.from_pretrained(path, torch_dtype=torch_dtype)
+    return pipe.to(device=device, dtype=torch_dtype), device
+
+
+class DiffusionEngine:
+    """`DaLPSRPipeline` on one file per call; `call_kwargs` are passed to every `pipe(...)` call."""
+
+    name = "diffusion"
+
+    def __init__(self, pipe: DaLPSRPipeline, seed: int = 0, **call_kwargs) -> None:
+        self.pipe, self.seed, self.call_kwargs = pipe, seed, call_kwargs
+        pipe.set_progress_bar_config(disable=True)
+
+    def __call__(self, job: Job) -> tuple[object, dict]:
+        result = self.pipe(str(job.src), generator=seeded_generator(self.seed, job.key), **self.call_kwargs)
+        record = {
+            "engine": self.name,
+            "prompt": result.prompts[0],
+            "degradation_prompt": result.degradation_prompts[0],
+            "unet_prompt": result.unet_prompts[0],
+            "controlnet_prompt": result.controlnet_prompts[0],
+        }
+        return result.images[0], record
+
+
+# ------------------------------------------------------------------------------------------------ restorer
+def resolve_restorer_source(path: str | None = None) -> str:
+    """Which restorer to load: `path`, $DALPSR_DAT_MODEL, then the small model shipped in `weights/`.
+
+    Raises:
+        WeightsNotFoundError: none is given and none is shipped.
+    """
+    if path:
+        return path
+    if os.environ.get(DAT_MODEL_ENV):
+        return os.environ[DAT_MODEL_ENV]
+    shipped = shipped_weights(DEFAULT_DAT_SUBFOLDER)
+    if (shipped / "config.json").is_file() or (shipped / RESTORER_SUBFOLDER / "config.json").is_file():
+        return str(shipped)
+    raise WeightsNotFoundError(
+        f"No DAT restorer found. Looked at: --dat-model (not given), ${DAT_MODEL_ENV} (unset), {shipped} (absent). "
+        "Pass `--dat-model PATH`: training/train_dat.py output, a DATRestorer or DAT folder, or an official DAT "
+        "checkpoint (.pth / .safetensors, e.g. DAT_light_x4.pth from zhengchen1999/DAT)."
+    )
+
+
+def lr_tiling(
+    tile_size: int | None, tile_overlap: int | None, scale: int, height: int, width: int
+) -> tuple[int | None, int]:
+    """(LR tile size or None, LR overlap) from a tile size / overlap in output pixels (None: automatic)."""
+    if tile_size is not None:
+        if tile_size < scale:
+            raise ValueError(f"`--tile-size` must be at least the model scale {scale}; got {tile_size}.")
+        tile = tile_size // scale
+    else:
+        tile = 256 if max(height, width) > 256 else None
+    if tile is None:
+        return None, 0
+    overlap = 16 if tile_overlap is None else tile_overlap // scale
+    return tile, min(overlap, tile // 2)
+
+
+class RestorerEngine:
+    """A regression restorer on one file per call, resized to `upscale` × the input when the model's scale
+    differs; alpha is resized bicubically and reattached."""
+
+    name = "dat"
+
+    def __init__(
+        self,
+        source: str,
+        upscale: float = 4,
+        device: str = "auto",
+        dtype: str = "auto",
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+    ) -> None:
+        if upscale <= 0:
+            raise ValueError(f"`--upscale` must be > 0; got {upscale}.")
+        self.device = resolve_device(device)
+        self.model, self.encoder = load_restorer(source, device=self.device)
+        autocast = resolve_dtype(dtype, self.device)  # "auto": fp16 on CUDA, fp32 (no autocast) elsewhere
+        self.autocast = None if autocast == torch.float32 else autocast
+        self.source, self.upscale = source, upscale
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+
+    @property
+    def settings(self) -> dict:
+        return {"model_scale": self.model.scale, "fusion": self.model.needs_features}
+
+    @torch.no_grad()
+    def __call__(self, job: Job) -> tuple[object, dict]:
+        image = load_image(job.src)
+        lr = image.rgb[None].to(self.device)
+        h, w = lr.shape[-2:]
+        tile, overlap = lr_tiling(self.tile_size, self.tile_overlap, self.model.scale, h, w)
+        sr = self.model.super_resolve(
+            lr, encoder=self.encoder, tile_size=tile, tile_overlap=overlap, dtype=self.autocast
+        )
+        out_h, out_w = round(h * self.upscale), round(w * self.upscale)
+        if sr.shape[-2:] != (out_h, out_w):
+            down = out_h < sr.shape[-2]
+            sr = F.interpolate(sr, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=down)
+        alpha = image.alpha
+        if alpha is not None:
+            alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
+        return tensor_to_pil(sr[0].float().cpu(), alpha), {"engine": self.name, "size": [out_h, out_w]}
