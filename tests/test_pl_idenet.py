@@ -57,7 +57,7 @@ def test_paper_defaults_and_shapes():
             torch.testing.assert_close(out.kernel.sum((1, 2)), torch.ones(2))
         x4 = tiny(scale=4)
         assert x4(torch.rand(1, 3, 9, 10)).sample.shape == (1, 3, 36, 40)
-            assert tiny(scale=3)(torch.rand(1, 3, 8, 8)).sample.shape == (1, 3, 24, 24)
+        assert tiny(scale=3)(torch.rand(1, 3, 8, 8)).sample.shape == (1, 3, 24, 24)
         # with the bicubic skip and a zeroed upsampler the Wiener layer sees the bicubic-upsampled LR
         skip = tiny(bicubic_skip=True)
         torch.nn.init.zeros_(skip.upsampler[-1].weight)
