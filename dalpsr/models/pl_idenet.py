@@ -25,8 +25,10 @@ What differs:
 - The kernel loss blurs and downsamples with this project's degradation ops (reflect-padded blur, antialiased
   bicubic), the same ones the "setting1"/"setting2" presets use to make the training LR.
 - The SwinIR body pads its input to a multiple of the window (reflect) and builds shift masks per input size.
-- Optional `bicubic_skip` (off by default, on in the tiny CPU config): the upsampler predicts a residual over the
-  bicubic-upsampled LR, so a short run does not spend its first steps learning to reproduce the image.
+- Optional `bicubic_skip` and `kernel_init_sigma` (off by default, on in the tiny CPU config): the upsampler
+  predicts a residual over the bicubic-upsampled LR and the body's last conv starts at zero, and the estimator
+  starts at a narrow Gaussian instead of the uniform 21×21 kernel (which the Wiener layer inverts into noise),
+  so a short run starts from a sensible image instead of spending its steps getting there.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
 from dalpsr.degradations import ops
+from dalpsr.degradations.kernels import gaussian_family_kernel
 from dalpsr.degradations.wiener import wiener_deconvolve
 
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -339,8 +342,11 @@ class PLIDENet(ModelMixin, ConfigMixin):
         prompt_num_heads: heads of each group's prompt interaction block.
         prompt_expansion: feed-forward expansion of the prompt interaction block.
         detach_kernel: feed the restorer a detached kernel (the paper: only the kernel loss trains the estimator).
-        bicubic_skip: add the bicubic-upsampled LR to the upsampler's output (not in the paper; it starts the
-            Wiener layer from a meaningful image, which short training runs need).
+        bicubic_skip: add the bicubic-upsampled LR to the upsampler's output and start the body's last conv at
+            zero (not in the paper): the untrained model then outputs the Wiener-deconvolved bicubic image, a
+            sensible start that short training runs need.
+        kernel_init_sigma: start the estimator at an isotropic Gaussian of this σ (its last bias set to the
+            Gaussian's log); None (the paper) starts it at the uniform kernel of zero logits.
     """
 
     @register_to_config
@@ -366,6 +372,7 @@ class PLIDENet(ModelMixin, ConfigMixin):
         prompt_expansion: float = 2.66,
         detach_kernel: bool = True,
         bicubic_skip: bool = False,
+        kernel_init_sigma: float | None = None,
     ) -> None:
         super().__init__()
         if scale not in (2, 3, 4, 8):
@@ -416,6 +423,12 @@ class PLIDENet(ModelMixin, ConfigMixin):
         self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
         self.register_buffer("rgb_mean", torch.tensor(_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init_weights)
+        if bicubic_skip:
+            nn.init.zeros_(self.conv_last.weight)
+        if kernel_init_sigma is not None:
+            prior = gaussian_family_kernel("iso", kernel_size, kernel_init_sigma, kernel_init_sigma, 0.0)
+            with torch.no_grad():
+                self.estimator.head[-1].bias.copy_(prior.clamp_min(1e-12).log().flatten())
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
