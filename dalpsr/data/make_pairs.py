@@ -3,7 +3,9 @@
 Layout of OUT_DIR: `hr/NAME.png`, `lr/NAME.png`, `metadata.jsonl` (one JSON object per pair, sorted by
 name when the run ends) and `run.json` (the settings; a resumed run must use the same ones).
 Each crop's randomness comes from a seed derived from (--seed, the image's path relative to HR_DIR, the
-crop index), so the output does not depend on --workers, on the order of work, or on interruptions.
+crop index), and every pair is computed with one torch thread (in this process as in the workers: the result of a
+float reduction depends on how many threads share it), so the output is bit-identical whatever --workers is, and
+does not depend on the order of work or on interruptions. Workers die with the process that started them.
 Images and metadata lines are written atomically (a pair counts as done once its line is in
 metadata.jsonl; a torn last line is dropped on resume and the pair is redone).
 """
@@ -13,6 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +25,28 @@ from dalpsr.runtime import derive_seed
 
 
 def pair_names(sources: list[str]) -> dict[str, str]:
-    """Output base name per source path: the path without suffix, '/' → '__'; the suffix is kept on clashes."""
-    bases = {s: s.rsplit(".", 1)[0].replace("/", "__") for s in sources}
-    counts: dict[str, int] = {}
-    for b in bases.values():
-        counts[b] = counts.get(b, 0) + 1
-    return {s: (b if counts[b] == 1 else s.replace("/", "__").replace(".", "_")) for s, b in bases.items()}
+    """Output base name per source path, unique: the path without suffix, '/' → '__'; where two sources share that
+    name, both keep their suffix (`a.png`, `a.jpg` → `a_png`, `a_jpg`); where they still clash (`a__b.png` and
+    `a/b.png`), each gets 8 hex digits of its path's SHA-1. Deterministic: the name depends only on the sources.
+
+    Raises:
+        ValueError: two sources still map to one name (not reachable short of a SHA-1 collision).
+    """
+    import hashlib
+
+    def unique(names: dict[str, str], rename) -> dict[str, str]:
+        counts: dict[str, int] = {}
+        for n in names.values():
+            counts[n] = counts.get(n, 0) + 1
+        return {s: (n if counts[n] == 1 else rename(s, n)) for s, n in names.items()}
+
+    names = {s: s.rsplit(".", 1)[0].replace("/", "__") for s in sources}
+    names = unique(names, lambda s, n: s.replace("/", "__").replace(".", "_"))
+    names = unique(names, lambda s, n: f"{n}_{hashlib.sha1(s.encode()).hexdigest()[:8]}")
+    if len(set(names.values())) != len(names):
+        clash = sorted(s for s in names if list(names.values()).count(names[s]) > 1)
+        raise ValueError(f"`hr_dir` holds files that map to one output name: {clash}; rename one of them.")
+    return names
 
 
 @dataclass
@@ -49,8 +70,6 @@ def _process_image(task: dict) -> tuple[str, list[dict], str | None]:
     from dalpsr.degradations.vocabulary import labels_to_bins
     from dalpsr.image_io import load_image, save_image_atomic, tensor_to_pil
 
-    if task.get("threads"):
-        torch.set_num_threads(task["threads"])
     source, out = task["source"], Path(task["out_dir"])
     scale, size = task["scale"], task["size"]
     try:
@@ -92,6 +111,60 @@ def _process_image(task: dict) -> tuple[str, list[dict], str | None]:
             }
         )
     return source, records, None
+
+
+@contextmanager
+def _one_thread():
+    """Run torch with one intra-op thread (as the workers do), restoring the caller's setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _parent_gone(parent_pid: int, ppid: int) -> bool:
+    if os.getppid() != ppid:  # re-parented: the process that started this worker has exited
+        return True
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # the pid exists (now someone else's)
+        return True
+    return False
+
+
+def _watch_parent(parent_pid: int, ppid: int) -> None:
+    while not _parent_gone(parent_pid, ppid):
+        time.sleep(0.2)
+    os._exit(1)
+
+
+def _init_worker(parent_pid: int) -> None:
+    """Worker initializer: one torch thread; exit as soon as the make-pairs process dies (SIGKILL included).
+
+    On Linux the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); everywhere a watchdog thread
+    polls the parent every 0.2 s, and covers a parent that died before the prctl call.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    ppid = os.getppid()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # no libc prctl: the watchdog still applies
+    if _parent_gone(parent_pid, ppid):
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, ppid), daemon=True, name="parent-watchdog").start()
 
 
 def _read_done(meta: Path) -> dict[str, str]:
@@ -213,7 +286,6 @@ def make_pairs(
                     "size": size,
                     "seed": seed,
                     "config": settings["config"],
-                    "threads": 1 if workers > 1 else None,
                 }
             )
     bar = tqdm(total=summary.total, initial=summary.already_done, unit="pair", disable=not progress, file=sys.stderr)
@@ -235,12 +307,13 @@ def make_pairs(
         if workers > 1:
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(os.getpid(),)) as pool:
                 for future in as_completed([pool.submit(_process_image, t) for t in tasks]):
                     collect(*future.result())
         else:
-            for t in tasks:
-                collect(*_process_image(t))
+            with _one_thread():
+                for t in tasks:
+                    collect(*_process_image(t))
     bar.close()
     skipped = {s for s, _ in summary.skipped}
     expected = {f"{names[s]}_c{c:03d}" for s in sources if s not in skipped for c in range(crops)}
