@@ -102,7 +102,11 @@ def resume_state(accelerator, output_dir: str | Path, value: str | None) -> int:
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Precision, checkpointing, resuming, validation/logging cadence and tracking: the same in every script."""
+    """Precision, checkpointing, resuming, validation/logging cadence and tracking: the same in every script.
+
+    Also `--config RUN.json`: argument values (names without dashes) read before the command line, which wins.
+    """
+    p.add_argument("--config", default=None, help="JSON file of argument values; flags given on the command line win")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
@@ -110,6 +114,59 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validation_steps", type=int, default=500)
     p.add_argument("--logging_steps", type=int, default=10)
     p.add_argument("--report_to", default=None, help="accelerate tracker (tensorboard, wandb, ...); none by default")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, input_args: list[str] | None = None) -> argparse.Namespace:
+    """Parse `input_args` (default sys.argv) over the values of an optional `--config` file (the one convention of
+    every training script)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(input_args)
+    if known.config:
+        parser.set_defaults(**load_config(known.config, parser))
+    return parser.parse_args(input_args)
+
+
+def _config_value_error(path, key: str, expected: str, value) -> ValueError:
+    return ValueError(f"`{key}` in the config file {path} must be {expected}; got {value!r}.")
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Read a `--config` JSON file: option names (without dashes) → values, checked against the parser."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"`--config` file not found: {path}.")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"`--config` file {path} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"`--config` file {path} must hold a JSON object; got {type(config).__name__}.")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    unknown = sorted(set(config) - set(actions))
+    if unknown:
+        raise ValueError(f"`--config` file {path} has unknown options {unknown}; allowed: {sorted(actions)}.")
+    for key, value in config.items():
+        action = actions[key]
+        if value is None:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise _config_value_error(path, key, "true or false", value)
+            continue
+        values = value if action.nargs == "*" else [value]
+        if action.nargs == "*" and not isinstance(value, list):
+            raise _config_value_error(path, key, "a list", value)
+        for v in values:
+            if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
+                raise _config_value_error(path, key, "an integer", v)
+            if action.type is float and (isinstance(v, bool) or not isinstance(v, int | float)):
+                raise _config_value_error(path, key, "a number", v)
+            if action.type is None and not isinstance(v, str):
+                raise _config_value_error(path, key, "a string", v)
+            if action.choices is not None and v not in action.choices:
+                raise _config_value_error(path, key, f"one of {list(action.choices)}", v)
+    return config
 
 
 # counts both training scripts take and require to be positive
@@ -138,9 +195,7 @@ def read_model_config(name_or_path: str) -> tuple[Path, dict]:
     if not path.is_file():
         shipped = package_data("configs", name_or_path)
         if not shipped.is_file():
-            raise FileNotFoundError(
-                f"`--model_config` {name_or_path!r} is neither a file nor a config in configs/."
-            )
+            raise FileNotFoundError(f"`--model_config` {name_or_path!r} is neither a file nor a config in configs/.")
         path = shipped
     return path, json.loads(path.read_text())
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalpsr.training_utils import list_checkpoints
+from dalpsr.training_utils import list_checkpoints, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -294,7 +294,7 @@ def test_config_file_with_command_line_overrides(work, tmp_path):
     args = train_lora.parse_args([*base, "--no-random_flip", "--validation_image"])  # flags switch config values off
     assert args.random_flip is False and args.validation_image == []
     for shipped in ("train_lora_tiny.json", "train_lora_sd2.json"):  # every key is an option of the script
-        train_lora.load_config(str(ROOT / "configs" / shipped), train_lora.build_parser())
+        load_config(str(ROOT / "configs" / shipped), train_lora.build_parser())
     config.write_text(json.dumps({"output_dir": "o", "rnak": 8}))
     with pytest.raises(ValueError, match="unknown options \\['rnak'\\]"):
         train_lora.parse_args(base)

@@ -33,6 +33,7 @@ from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
+    parse_with_config,
     read_model_config,
     require_positive,
     resume_state,
@@ -90,7 +91,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iqa_weights_dir", default=None, help="TORCH_HOME-style folder with hub/pyiqa (LPIPS)")
     p.add_argument("--ema_decay", type=float, default=0.999, help="0 disables the EMA")
     add_run_arguments(p)
-    args = p.parse_args(input_args)
+    args = parse_with_config(p, input_args)
     require_positive(args, COUNT_ARGUMENTS)
     if not 0.0 <= args.ema_decay < 1.0:
         raise ValueError(f"`--ema_decay` must be in [0, 1); got {args.ema_decay}.")

@@ -30,6 +30,7 @@ from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
+    parse_with_config,
     read_model_config,
     require_positive,
     resume_state,
@@ -78,7 +79,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--content_contrastive_weight", type=float, default=1.0)
     p.add_argument("--validation_samples", type=int, default=200)
     add_run_arguments(p)
-    args = p.parse_args(input_args)
+    args = parse_with_config(p, input_args)
     require_positive(args, COUNT_ARGUMENTS)
     if args.pretrained_open_clip and args.daclip_checkpoint:
         raise ValueError("Give at most one of `--pretrained_open_clip` and `--daclip_checkpoint`.")

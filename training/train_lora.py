@@ -46,7 +46,7 @@ from dalpsr.degradations.config import PRESETS
 from dalpsr.image_io import RGBImage, atomic_write_bytes, list_images, read_image_size, save_image_atomic, usable_images
 from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
 from dalpsr.runtime import atomic_directory, derive_seed, mix_seed, seeded_generator
-from dalpsr.training_utils import resolve_checkpoint, resume_state, save_checkpoint
+from dalpsr.training_utils import parse_with_config, resolve_checkpoint, resume_state, save_checkpoint
 
 LORA_TARGETS = ("unet", "controlnet")
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
@@ -184,48 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_value_error(path, key: str, expected: str, value) -> ValueError:
-    return ValueError(f"`{key}` in the config file {path} must be {expected}; got {value!r}.")
-
-
-def load_config(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Read a `--config` JSON file: option names (without dashes) → values, checked against the parser."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"`--config` file not found: {path}.")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"`--config` file {path} is not valid JSON ({err}).") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"`--config` file {path} must hold a JSON object; got {type(config).__name__}.")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
-    unknown = sorted(set(config) - set(actions))
-    if unknown:
-        raise ValueError(f"`--config` file {path} has unknown options {unknown}; allowed: {sorted(actions)}.")
-    for key, value in config.items():
-        action = actions[key]
-        if value is None:
-            continue
-        if isinstance(action, argparse.BooleanOptionalAction):
-            if not isinstance(value, bool):
-                raise _config_value_error(path, key, "true or false", value)
-            continue
-        values = value if action.nargs == "*" else [value]
-        if action.nargs == "*" and not isinstance(value, list):
-            raise _config_value_error(path, key, "a list", value)
-        for v in values:
-            if action.type is int and (isinstance(v, bool) or not isinstance(v, int)):
-                raise _config_value_error(path, key, "an integer", v)
-            if action.type is float and (isinstance(v, bool) or not isinstance(v, int | float)):
-                raise _config_value_error(path, key, "a number", v)
-            if action.type is None and not isinstance(v, str):
-                raise _config_value_error(path, key, "a string", v)
-            if action.choices is not None and v not in action.choices:
-                raise _config_value_error(path, key, f"one of {list(action.choices)}", v)
-    return config
-
-
 def split_list(text: str | None) -> list[str]:
     """Comma-separated text → list of stripped, non-empty items."""
     return [s.strip() for s in (text or "").split(",") if s.strip()]
@@ -330,13 +288,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """Parse command-line flags (`input_args`, default sys.argv) over the values of an optional `--config` file."""
-    parser = build_parser()
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, _ = pre.parse_known_args(input_args)
-    if known.config:
-        parser.set_defaults(**load_config(known.config, parser))
-    args = parser.parse_args(input_args)
+    args = parse_with_config(build_parser(), input_args)
     check_args(args)
     return args
 
