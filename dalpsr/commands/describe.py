@@ -1,4 +1,8 @@
-"""`dalpsr describe`: the degradation report (types, bins, probabilities, prompt text) of images."""
+"""`dalpsr describe`: the degradation report (types, bins, probabilities, prompt text) of images.
+
+Each line says its evidence: a JPEG file's quality comes from its quantisation tables; the rest, and every
+decoded image, from the learned estimator (degradation encoder + prompt decoder).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import sys
 
 from dalpsr.commands._common import threshold_arg
+from dalpsr.degradations.jpeg_tables import read_jpeg_quality
 from dalpsr.image_io import list_images, load_image
 from dalpsr.loaders.degradation import (
     DECODER_SUBFOLDER,
@@ -57,18 +62,19 @@ def run_describe(args) -> int:
             failed += 1
     for path in paths:
         try:
-            rgb = load_image(path).rgb
+            rgb, jpeg = load_image(path).rgb, read_jpeg_quality(path)
         except (OSError, ValueError) as err:
             print(f"error: {path}: {err}", file=sys.stderr)
             failed += 1
             continue
-        prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold)
-        report = {"image": str(path), **prediction.report(0)}
+        prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold, jpeg=jpeg)
+        report = {"image": str(path), **prediction.report(0), "jpeg_quality": jpeg.quality if jpeg else None}
         if args.json:
             print(json.dumps(report))
             continue
         print(f"{path}\n  prompt: {report['prompt'] or '(no degradation detected)'}")
         for name, item in report["types"].items():
             probs = " ".join(f"{p:.2f}" for p in item["probabilities"])
-            print(f"  {name:<10} {item['text']:<32} p(bins) = {probs}")
+            why = item["evidence"] if item["source"] == "file" else f"estimator, p(bins) = {probs}"
+            print(f"  {name:<10} {item['text']:<32} {why}")
     return 1 if failed else 0

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class DegradationPrediction:
         labels: B×NUM_TYPES×NUM_BINS multi-hot tensor of the chosen bins.
         probabilities: B×NUM_TYPES×NUM_BINS sigmoid probabilities.
         logits: B×NUM_TYPES×NUM_BINS raw logits.
+        evidence: per image, {type name: what decided its line} for the types set by `with_evidence` (the
+            others come from the learned estimator).
     """
 
     prompts: list[str]
@@ -41,16 +43,40 @@ class DegradationPrediction:
     labels: torch.Tensor
     probabilities: torch.Tensor
     logits: torch.Tensor
+    evidence: list[dict[str, str]] | None = None
+
+    def with_evidence(self, index: int, name: str, value: float | None, evidence: str) -> DegradationPrediction:
+        """A copy whose type `name` of image `index` is set from a label `value` read elsewhere (e.g. a JPEG
+        quality from the file's tables) instead of the estimator; `evidence` says where it was read."""
+        t = vocabulary.type_index(name)
+        b = vocabulary.value_to_bin(name, value)
+        labels = self.labels.clone()
+        labels[index, t] = 0.0
+        if b is not None:
+            labels[index, t, b] = 1.0
+        bins = [dict(item) for item in self.bins]
+        bins[index][name] = b
+        prompts = list(self.prompts)
+        prompts[index] = vocabulary.labels_to_text(labels[index])
+        found = [dict(item) for item in self.evidence] if self.evidence else [{} for _ in self.prompts]
+        found[index][name] = evidence
+        return replace(self, prompts=prompts, bins=bins, labels=labels, evidence=found)
 
     def report(self, index: int = 0) -> dict:
-        """JSON-ready report of image `index`: per type the bin, its text and the bin probabilities."""
+        """JSON-ready report of image `index`: per type the bin, its text, the estimator's bin probabilities, and
+        the evidence the line comes from (`source` "file" or "estimator", `evidence` in words)."""
         types = {}
+        found = self.evidence[index] if self.evidence else {}
         for t, dtype in enumerate(vocabulary.TYPES):
             b = self.bins[index][dtype.name]
+            probabilities = [round(float(p), 4) for p in self.probabilities[index, t]]
+            estimated = f"learned estimator: summed bin probability {sum(probabilities):.2f}"
             types[dtype.name] = {
                 "bin": b,
                 "text": dtype.phrase(b) if b is not None else "none",
-                "probabilities": [round(float(p), 4) for p in self.probabilities[index, t]],
+                "probabilities": probabilities,
+                "source": "file" if dtype.name in found else "estimator",
+                "evidence": found.get(dtype.name, estimated),
             }
         return {"prompt": self.prompts[index], "types": types}
 
@@ -284,11 +310,13 @@ def grid_crops(image, size: tuple[int, int], max_crops: int):
     return torch.stack([image[:, t : t + min(th, h), left : left + min(tw, w)] for t in tops for left in lefts])
 
 
-def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: float | None = None):
+def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: float | None = None, jpeg=None):
     """`DegradationPrediction` of one 3×H×W image in [0, 1]: bin probabilities averaged over a grid of crops.
 
     An encoder with `resize_mode="crop"` sees one centre crop of its input size; a larger image is read
     through up to `max_crops` crops instead, so the report covers the whole image rather than its centre.
+    `jpeg`, the `JpegQuality` read from the file's tables (`dalpsr.degradations.jpeg_tables`), decides the jpeg
+    line when given: what the file says comes before the estimate.
     """
     threshold = decoder.config.threshold if threshold is None else float(threshold)
     crops = image.unsqueeze(0)
@@ -296,4 +324,7 @@ def describe_image(encoder, decoder, image, max_crops: int = 16, threshold: floa
         crops = grid_crops(image, encoder.image_size, max_crops)
     with torch.no_grad():
         logits = decoder(encoder.encode_images(crops.to(encoder.device)).degradation_tokens).float()
-    return prediction_from_probabilities(torch.sigmoid(logits).mean(0, keepdim=True), threshold)
+    prediction = prediction_from_probabilities(torch.sigmoid(logits).mean(0, keepdim=True), threshold)
+    if jpeg is not None:
+        prediction = prediction.with_evidence(0, "jpeg", jpeg.quality, jpeg.describe())
+    return prediction
