@@ -101,6 +101,18 @@ def resume_state(accelerator, output_dir: str | Path, value: str | None) -> int:
     return checkpoint_step(path)
 
 
+def log_validation(accelerator, output_dir: str | Path, step: int, metrics: dict, scalars: dict[str, float]) -> Path:
+    """The one validation record of every training script: `validation/step-N.json` (all of `metrics`, written
+    atomically), `scalars` to the trackers under `val/`, and one log line. Returns the JSON path."""
+    from dalpsr.image_io import atomic_write_bytes
+
+    path = Path(output_dir) / "validation" / f"step-{step}.json"
+    atomic_write_bytes(path, (json.dumps({"step": step, **metrics}, indent=2) + "\n").encode())
+    accelerator.log({f"val/{k}": v for k, v in scalars.items()}, step=step)
+    logger.info(f"validation step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items()))
+    return path
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Precision, checkpointing, resuming, validation/logging cadence and tracking: the same in every script.
 

@@ -33,6 +33,7 @@ from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
+    log_validation,
     parse_with_config,
     read_model_config,
     require_positive,
@@ -344,16 +345,8 @@ def main(args: argparse.Namespace) -> Path:
             net.train()
             if ema is not None:
                 ema.restore(net.parameters())
-        metrics["step"] = step
-        atomic_write_bytes(
-            output_dir / "validation" / f"step-{step}.json", (json.dumps(metrics, indent=2) + "\n").encode()
-        )
-        log = {f"val/{k}": v for k, v in metrics["mean"].items()}
-        accelerator.log(log, step=step)
-        logger.info(
-            f"validation step {step} on {metrics['n']} pairs: "
-            + ", ".join(f"{k}={v:.4f} (bicubic {metrics['bicubic'][k]:.4f})" for k, v in metrics["mean"].items())
-        )
+        scalars = {**metrics["mean"], **{f"bicubic_{k}": v for k, v in metrics["bicubic"].items()}}
+        log_validation(accelerator, output_dir, step, metrics, scalars)
 
     model.train()
     micro_step = global_step * args.gradient_accumulation_steps

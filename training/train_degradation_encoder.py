@@ -30,6 +30,7 @@ from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
+    log_validation,
     parse_with_config,
     read_model_config,
     require_positive,
@@ -256,13 +257,9 @@ def main(args: argparse.Namespace) -> Path:
         )
         encoder.train()
         decoder.train()
-        atomic_write_bytes(
-            output_dir / "validation" / f"step-{step}.json", (json.dumps(metrics, indent=2) + "\n").encode()
-        )
-        log = {f"val/{name}_bin_acc": m["bin_accuracy"] for name, m in metrics["types"].items()}
-        log.update({f"val/mean_{k}": v for k, v in metrics["mean"].items()})
-        accelerator.log(log, step=step)
-        logger.info(f"validation step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in log.items()))
+        scalars = {f"{name}_bin_acc": m["bin_accuracy"] for name, m in metrics["types"].items()}
+        scalars.update({f"mean_{k}": v for k, v in metrics["mean"].items()})
+        log_validation(accelerator, output_dir, step, metrics, scalars)
 
     encoder.train()
     decoder.train()

@@ -46,7 +46,7 @@ from dalpsr.degradations.config import PRESETS
 from dalpsr.image_io import RGBImage, atomic_write_bytes, list_images, read_image_size, save_image_atomic, usable_images
 from dalpsr.pipelines.pipeline_dalpsr import DEFAULT_QUALITY_PROMPT, TEXT_ROUTINGS, DaLPSRPipeline, route_prompts
 from dalpsr.runtime import atomic_directory, derive_seed, mix_seed, seeded_generator
-from dalpsr.training_utils import parse_with_config, resolve_checkpoint, resume_state, save_checkpoint
+from dalpsr.training_utils import log_validation, parse_with_config, resolve_checkpoint, resume_state, save_checkpoint
 
 LORA_TARGETS = ("unet", "controlnet")
 DEFAULT_TARGET_MODULES = "to_q,to_k,to_v,to_out.0"
@@ -805,7 +805,8 @@ def main(args: argparse.Namespace) -> dict:
         finally:
             if handle is not None:
                 handle.remove()
-        logger.info("validation images for step %d in %s", step, folder)
+        images = sorted(str(p.relative_to(output_dir)) for p in folder.glob("*.png"))
+        log_validation(accelerator, output_dir, step, {"images": images}, {"images": float(len(images))})
 
     losses: list[float] = []
     progress = tqdm(
