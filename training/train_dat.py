@@ -178,19 +178,13 @@ def build_lpips(weight: float, weights_dir: str | None, device):
 
 def load_encoder(args: argparse.Namespace, cfg: dict):
     """The frozen encoder for the fusion features, or None for plain DAT."""
+    from dalpsr.loaders.degradation import load_degradation_encoder
     from dalpsr.models.degradation_encoder import DegradationEncoder
 
     if args.no_fusion:
         return None
     if args.degradation_encoder:
-        path = Path(args.degradation_encoder)
-        if (path / "degradation_encoder" / "config.json").is_file():
-            path = path / "degradation_encoder"
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"`--degradation_encoder` {path} is not a DegradationEncoder folder (no config.json)."
-            )
-        encoder = DegradationEncoder.from_pretrained(path)
+        encoder = load_degradation_encoder(args.degradation_encoder)
     elif cfg.get("encoder"):
         logger.warning(
             "No `--degradation_encoder`: building the config's encoder with RANDOM weights; its features are a fixed "

@@ -52,3 +52,14 @@ def load_degradation_models(model_dir: str | os.PathLike | None = None, device: 
     data_file = model_dir / DATA_FILE
     data = json.loads(data_file.read_text()) if data_file.is_file() else {}
     return encoder, decoder, data
+
+
+def load_degradation_encoder(path: str | os.PathLike) -> DegradationEncoder:
+    """A `DegradationEncoder` from its folder, or from a folder holding `degradation_encoder/` (a model folder,
+    training output or saved pipeline)."""
+    path = Path(path)
+    if (path / ENCODER_SUBFOLDER / "config.json").is_file():
+        path = path / ENCODER_SUBFOLDER
+    if not (path / "config.json").is_file():
+        raise DegradationModelNotFoundError(f"{path} is not a DegradationEncoder folder (no config.json).")
+    return DegradationEncoder.from_pretrained(path)

@@ -1,10 +1,12 @@
 """Model classes, each `ModelMixin` + `ConfigMixin` so `save_pretrained` / `from_pretrained` round-trip them."""
 
+from dalpsr.models.dat import DAT
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
 from dalpsr.models.fusion import DATRestorer
 from dalpsr.models.prompt_decoder import DegradationPrediction, RestorationPromptDecoder
 
 __all__ = [
+    "DAT",
     "DATRestorer",
     "DegradationEncoder",
     "DegradationFeatures",
