@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,15 @@ import torch
 from dalpsr.degradations import ops
 from dalpsr.degradations.kernels import gaussian_family_kernel
 from dalpsr.degradations.wiener import wiener_deconvolve
-from dalpsr.models.pl_idenet import PLIDENet, WienerLayer, dct_atoms, kernel_loss, kernel_sigma
+from dalpsr.models.pl_idenet import (
+    PLIDENet,
+    WienerLayer,
+    dct_atoms,
+    kernel_loss,
+    kernel_moments,
+    kernel_picture,
+    kernel_sigma,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -169,3 +178,25 @@ def test_bad_config_and_input():
         PLIDENet(**{**TINY, "prompt_num_heads": [3, 2]})
     with pytest.raises(ValueError, match="`lr`"):
         tiny()(torch.rand(1, 3, 6, 8))
+
+
+def test_kernel_moments_and_description():
+    k = gaussian_family_kernel("aniso", 21, 3.0, 1.0, math.radians(30)).float()
+    m = kernel_moments(k)
+    assert m["sigma_major"] == pytest.approx(3.0, abs=0.05) and m["sigma_minor"] == pytest.approx(1.0, abs=0.02)
+    assert m["angle_deg"] == pytest.approx(30.0, abs=0.5)
+    assert m["sigma"] == pytest.approx(float(kernel_sigma(k[None])[0]), abs=1e-5)
+    iso = kernel_moments(gaussian_family_kernel("iso", 21, 2.0, 2.0, 0.0))
+    assert iso["sigma_major"] == pytest.approx(iso["sigma_minor"], abs=1e-6)
+
+    picture = kernel_picture(k, zoom=3)
+    assert picture.shape == (63, 63) and picture.dtype.name == "uint8" and picture.max() == 255
+
+    model = tiny(kernel_init_sigma=1.5)
+    report = model.describe_kernel(torch.rand(3, 12, 10))
+    assert report["scale"] == 2 and report["kernel"].shape == (7, 7)
+    assert report["sigma"] == pytest.approx(
+        float(kernel_sigma(model.estimate_kernel(torch.rand(1, 3, 12, 10)))[0]), abs=0.2
+    )
+    with pytest.raises(ValueError, match="`image`"):
+        model.describe_kernel(torch.rand(1, 3, 12, 10))

@@ -78,6 +78,36 @@ def kernel_sigma(kernel: Tensor) -> Tensor:
     return ((vx + vy).clamp_min(0) / 2).sqrt()
 
 
+def kernel_moments(kernel: Tensor) -> dict[str, float]:
+    """Second-moment summary of one k×k kernel: σ (as `kernel_sigma`), the principal-axis σs and the major axis angle.
+
+    Returns:
+        {"sigma", "sigma_major", "sigma_minor", "angle_deg"}: σs in pixels of the kernel's grid; the angle of the major
+        axis in degrees, counter-clockwise from +x with y pointing down the image, in [0, 180).
+    """
+    k = kernel.double() / kernel.double().sum().clamp_min(1e-12)
+    ax = torch.arange(k.shape[-1], dtype=torch.float64) - (k.shape[-1] - 1) / 2
+    px, py = k.sum(-2), k.sum(-1)
+    mx, my = float((px * ax).sum()), float((py * ax).sum())
+    dx, dy = ax[None, :] - mx, ax[:, None] - my
+    cxx, cyy, cxy = float((k * dx * dx).sum()), float((k * dy * dy).sum()), float((k * dx * dy).sum())
+    half, diff = (cxx + cyy) / 2, math.hypot((cxx - cyy) / 2, cxy)
+    angle = math.degrees(0.5 * math.atan2(2 * cxy, cxx - cyy)) % 180.0
+    return {
+        "sigma": math.sqrt(max(half, 0.0)),
+        "sigma_major": math.sqrt(max(half + diff, 0.0)),
+        "sigma_minor": math.sqrt(max(half - diff, 0.0)),
+        "angle_deg": angle,
+    }
+
+
+def kernel_picture(kernel: Tensor, zoom: int = 8):
+    """A k×k kernel as a (k·zoom)×(k·zoom) uint8 grey numpy image, scaled to its maximum (nearest-neighbour zoom)."""
+    k = kernel.detach().float().cpu()
+    k = (k / k.max().clamp_min(1e-12) * 255).round().to(torch.uint8)
+    return k.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy()
+
+
 def kernel_loss(hr: Tensor, kernel: Tensor, lr: Tensor) -> Tensor:
     """The implicit kernel loss: L1 between bicubic↓(HR ⊛ kernel) and the LR (no ground-truth kernel needed).
 
@@ -440,6 +470,21 @@ class PLIDENet(ModelMixin, ConfigMixin):
     def estimate_kernel(self, lr: Tensor) -> Tensor:
         """B×k×k kernel (non-negative, sums to 1) that, at HR resolution, blurs before bicubic downsampling."""
         return self.estimator(lr)
+
+    @torch.no_grad()
+    def describe_kernel(self, image: Tensor) -> dict:
+        """The blur kernel estimated on one whole 3×h×w image in [0, 1], summarised for a degradation report.
+
+        Returns:
+            {"sigma", "sigma_major", "sigma_minor", "angle_deg" (see `kernel_moments`), "scale", "kernel" (k×k
+            tensor)}. The kernel acts at ×`scale` resolution: σ is in pixels of the image upscaled by `scale`.
+        """
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"`image` must be a 3×h×w tensor; got {shape}.")
+        p = next(self.parameters())
+        kernel = self.estimate_kernel(image[None].to(p.device, p.dtype))[0].float().cpu()
+        return {**kernel_moments(kernel), "scale": self.config.scale, "kernel": kernel}
 
     def restore(self, image: Tensor, kernel: Tensor) -> Tensor:
         """The SwinIR body with kernel prompts on an HR-size B×3×H×W image (global residual)."""
