@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from dalpsr.batch import plan_jobs, run_jobs
+from dalpsr.batch import Shard, merge_logs, plan_jobs, run_jobs
 from dalpsr.pipelines.engines import (
     DiffusionEngine,
     RestorerEngine,
@@ -16,7 +16,7 @@ from dalpsr.pipelines.engines import (
     resolve_pipeline_source,
     resolve_restorer_source,
 )
-from dalpsr.runtime import DTYPE_CHOICES, resolve_device
+from dalpsr.runtime import DTYPE_CHOICES
 
 
 def add_commands(subparsers) -> None:
@@ -24,7 +24,11 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "upscale",
         help="super-resolve images (files or folders)",
-        description="Super-resolve images with DaLPSRPipeline. Existing outputs are skipped, so a killed run resumes.",
+        description=(
+            "Super-resolve images with DaLPSRPipeline. Existing outputs are skipped, so a killed run resumes. "
+            "Under `accelerate launch -m dalpsr upscale ...` the images are split over the processes, one device "
+            "each; every output is the same as in a one-process run."
+        ),
     )
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder (never an input file)")
@@ -63,7 +67,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--tile-size", type=int, help="tile size in output pixels (default: automatic)")
     p.add_argument("--tile-overlap", type=int, help="tile overlap in output pixels")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (auto and cuda: one GPU per process)")
     p.add_argument("--format", choices=["png", "webp", "jpg"], default="png", help="output image format")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders")
@@ -90,8 +94,10 @@ def diffusion_call_kwargs(args) -> dict:
     return kwargs
 
 
-def build_engine(args):
-    """(engine, settings) for the flags; raises WeightsNotFoundError / OSError / ValueError with one clear line."""
+def build_engine(args, shard: Shard | None = None):
+    """(engine, settings) for the flags on this process's device; raises WeightsNotFoundError / OSError / ValueError
+    with one clear line."""
+    device = (shard or Shard()).device(args.device)
     settings = UpscaleSettings(
         engine=args.engine,
         model="",
@@ -103,19 +109,16 @@ def build_engine(args):
     )
     if args.engine == "dat":
         settings.model = resolve_restorer_source(args.dat_model)
-        engine = RestorerEngine(
-            settings.model, args.upscale, args.device, args.dtype, args.tile_size, args.tile_overlap
-        )
+        engine = RestorerEngine(settings.model, args.upscale, device, args.dtype, args.tile_size, args.tile_overlap)
         settings.device, settings.restorer = str(engine.device), engine.settings
         return engine, settings
     kind, settings.model = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
     if kind == "random":
         from dalpsr.testing import get_dummy_pipeline
 
-        pipe, device = get_dummy_pipeline(seed=args.seed), resolve_device(args.device)
-        pipe = pipe.to(device)
+        pipe = get_dummy_pipeline(seed=args.seed).to(device)
     else:
-        pipe, device = load_pipeline(kind, settings.model, args.controlnet, args.device, args.dtype)
+        pipe, device = load_pipeline(kind, settings.model, args.controlnet, device, args.dtype)
     settings.device = str(device)
     settings.diffusion = {
         "steps": args.steps,
@@ -132,27 +135,34 @@ def build_engine(args):
 
 
 def run_upscale(args) -> int:
+    shard = Shard.current()
     out_dir = Path(args.output)
+    log_path = out_dir / "dalpsr_upscale.jsonl"
     try:
         plan = plan_jobs(args.inputs, out_dir, args.format, args.recursive, args.overwrite)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for path, why in plan.ignored:
-        print(f"ignored: {path}: {why}", file=sys.stderr)
+    if shard.is_main:
+        for path, why in plan.ignored:
+            print(f"ignored: {path}: {why}", file=sys.stderr)
     if not plan.todo:
-        print(f"nothing to do: {len(plan.existing)} outputs already exist in {out_dir}")
+        if shard.is_main:
+            if log_path.parent.is_dir():
+                merge_logs(log_path)  # records a killed process left behind
+            print(f"nothing to do: {len(plan.existing)} outputs already exist in {out_dir}")
         return 0
     try:
-        engine, settings = build_engine(args)
+        engine, settings = build_engine(args, shard)
     except (WeightsNotFoundError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "dalpsr_upscale.json").write_text(json.dumps(settings.to_dict(), indent=2) + "\n")
-    failures = run_jobs(plan.todo, engine, out_dir / "dalpsr_upscale.jsonl", f"upscale ({engine.name})", args.format)
-    done = len(plan.todo) - len(failures)
-    print(f"upscaled {done}, skipped {len(plan.existing)} existing, failed {len(failures)} -> {out_dir}")
-    for job, why in failures:
-        print(f"  failed: {job.src}: {why}", file=sys.stderr)
+    if shard.is_main:
+        record = {**settings.to_dict(), "num_processes": shard.count}
+        (out_dir / "dalpsr_upscale.json").write_text(json.dumps(record, indent=2) + "\n")
+    failures = run_jobs(plan.todo, engine, log_path, f"upscale ({engine.name})", args.format, shard)
+    if shard.is_main:
+        done = len(plan.todo) - len(failures)
+        print(f"upscaled {done}, skipped {len(plan.existing)} existing, failed {len(failures)} -> {out_dir}")
     return 1 if failures else 0
