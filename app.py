@@ -326,8 +326,11 @@ def build_demo(engines: DemoEngines, limits: DemoLimits):
             )  # fmt: skip
         except (ValueError, TypeError) as err:
             raise user_error(err) from None
-        new_prompt = prompt if prompt.strip() or engine != "diffusion" else used.get("prompt") or ""
-        return pair, gr.DownloadButton(value=png, visible=True), used, new_prompt
+        return pair, gr.DownloadButton(value=png, visible=True), used
+
+    def keep_caption(prompt, used):
+        """An empty content prompt takes the caption the run used, so it can be edited for the next run."""
+        return prompt if prompt.strip() else (used or {}).get("prompt") or ""
 
     def on_engine(engine):
         return gr.Accordion(visible=engine == "diffusion")
@@ -378,13 +381,16 @@ def build_demo(engines: DemoEngines, limits: DemoLimits):
                 used = gr.JSON(label="Used", elem_id="used")
         if examples:
             gr.Examples([[str(p)] for p in examples], inputs=[image], label="Examples (sources: examples/README.md)")
-        image.change(on_image, inputs=image, outputs=[degradation, report])
-        engine.change(on_engine, inputs=engine, outputs=box)
+        # the model work of every user shares one group of `max_concurrency` slots; the rest waits in the queue
+        bounded = {"concurrency_limit": limits.max_concurrency, "concurrency_id": "models"}
+        image.change(on_image, inputs=image, outputs=[degradation, report], **bounded)
+        engine.change(on_engine, inputs=engine, outputs=box, queue=False)
         run.click(
             on_run,
             inputs=[image, prompt, degradation, engine, factor, steps, guidance, strength, color_fix, tile, seed],
-            outputs=[slider, download, used, prompt],
-        )
+            outputs=[slider, download, used],
+            **bounded,
+        ).success(keep_caption, inputs=[prompt, used], outputs=prompt, queue=False)
     return demo
 
 
@@ -394,7 +400,7 @@ def launch(demo, limits: DemoLimits, host: str = "127.0.0.1", port: int = 7860, 
     import gradio as gr
 
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
-    demo.queue(default_concurrency_limit=limits.max_concurrency, max_size=limits.max_queue)
+    demo.queue(max_size=limits.max_queue)
     return demo.launch(
         server_name=host,
         server_port=port,

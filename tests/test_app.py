@@ -1,4 +1,6 @@
-"""The Gradio demo: local-only by default, bounded uploads and inputs, and a working request handler."""
+"""The Gradio demo: engine choice as the CLI's, local-only by default, bounded uploads, inputs and queue, the
+degradation report of an upload with its evidence, and working request handlers for both kinds of engine.
+The same flow in a real browser: tests/test_app_browser.py (`-m browser`)."""
 
 from __future__ import annotations
 
@@ -12,37 +14,119 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
-from dalpsr.testing import get_dummy_pipeline  # noqa: E402
+from dalpsr.pipelines import engines as engines_module  # noqa: E402
+
+JPEG_Q40 = ROOT / "examples" / "canon004_sign_q40.jpg"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return get_dummy_pipeline(seed=0)
+def random_engines():
+    """What `python app.py --random-weights-for-testing` loads: the random pipeline and the shipped restorer."""
+    return app.load_engines(app.parse_args(["--random-weights-for-testing", "--device", "cpu"]))
 
 
-def test_binds_to_localhost_by_default():
-    args = app.parse_args(["--random-weights-for-testing"])
-    assert args.host == "127.0.0.1"
-    assert args.max_upload_mb > 0 and args.max_input_pixels > 0
+@pytest.fixture
+def no_diffusion_weights(monkeypatch, tmp_path):
+    monkeypatch.delenv("DALPSR_MODEL", raising=False)
+    monkeypatch.delenv("DALPSR_SD2_BASE", raising=False)
+    monkeypatch.setattr(engines_module, "DEFAULT_MODEL_DIR", tmp_path / "no_pipeline")
 
 
-def test_handler_returns_image_and_prompts(pipe):
-    image = Image.new("RGB", (9, 7), (120, 30, 200))
-    out, used = app.upscale(pipe, app.DemoLimits(), image, "a purple wall", "", 2, 2, 1.0, 1.0, "wavelet", 0)
-    assert out.size == (18, 14)
-    assert used["prompt"] == "a purple wall" and used["controlnet_prompt"] == "a purple wall"
+def test_defaults_bind_to_localhost_and_bound_everything():
+    args = app.parse_args([])
+    assert (args.host, args.engine) == ("127.0.0.1", "auto")
+    assert args.max_upload_mb > 0 and args.max_input_pixels > 0 and args.max_concurrency == 1 and args.max_queue > 0
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-concurrency", "0"])
 
 
-def test_handler_bounds_input_pixels_and_steps(pipe):
+def test_without_weights_the_demo_offers_the_restorer_and_says_how_to_get_diffusion(no_diffusion_weights):
+    engines = app.load_engines(app.parse_args(["--device", "cpu"]))
+    assert engines.names == ["dat"] and engines.default == "dat" and engines.pipe is None
+    assert engines.reason.startswith("engine: dat (no diffusion weights found)") and "--model" in engines.reason
+    with pytest.raises(engines_module.WeightsNotFoundError):
+        app.load_engines(app.parse_args(["--engine", "diffusion", "--device", "cpu"]))
+
+
+def test_random_weights_are_the_default_engine_and_said_on_the_page(random_engines):
+    assert random_engines.names == ["diffusion", "dat"] and random_engines.default == "diffusion"
+    assert random_engines.random_weights
+    demo = app.build_demo(random_engines, app.DemoLimits())
+    texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
+    assert any(isinstance(t, str) and "random weights" in t and "noise" in t for t in texts)
+    engine_radio = next(c for c in demo.config["components"] if c.get("props", {}).get("elem_id") == "engine")
+    assert engine_radio["props"]["value"] == "diffusion"
+
+
+def test_report_of_a_jpeg_upload_reads_the_file(random_engines):
+    prompt, table = app.describe(random_engines, app.DemoLimits(), str(JPEG_Q40))
+    assert "Dejpeg with quality 30~49" in prompt
+    assert "| jpeg | Dejpeg with quality 30~49 | file: JPEG quantisation tables: libjpeg quality 40 (exact) |" in table
+    assert table.count("| estimator: summed bin probability") == 3
+    assert app.describe(random_engines, app.DemoLimits(), None) == ("", "")
+
+
+def test_diffusion_request_uses_the_edited_prompt_and_reports_every_step(random_engines, tmp_path):
+    path = tmp_path / "small.png"
+    Image.new("RGB", (9, 7), (120, 30, 200)).save(path)
+    calls = []
+    (before, after), png, used = app.upscale(
+        random_engines, app.DemoLimits(), str(path), "a purple wall", "  Denoise with sigma 0.25~0.50 ",
+        "diffusion", 2, 3, 1.0, 1.0, "wavelet", 0, 0, lambda f, desc="": calls.append((f, desc)), tmp_path,
+    )  # fmt: skip
+    assert before.size == after.size == (18, 14) and Image.open(png).size == (18, 14)
+    assert used["prompt"] == "a purple wall" and used["degradation_prompt"] == "Denoise with sigma 0.25~0.50"
+    assert used["warning"] == "random weights: the output is noise"
+    steps = [c for c in calls if c[1].startswith("denoising step")]
+    assert [d for _, d in steps] == ["denoising step 1/3", "denoising step 2/3", "denoising step 3/3"]
+    assert calls[-1] == (1.0, "done")
+
+
+def test_restorer_request_is_4x_and_a_png(random_engines, tmp_path):
+    path = tmp_path / "small.jpg"
+    Image.open(JPEG_Q40).crop((0, 0, 24, 20)).save(path, quality=60)
+    (before, after), png, used = app.upscale(
+        random_engines, app.DemoLimits(), str(path), "", "", "dat", out_dir=tmp_path
+    )
+    assert before.size == after.size == (96, 80) and used["engine"] == "dat" and used["size"] == [96, 80]
+    with Image.open(png) as out:
+        assert (out.format, out.size) == ("PNG", (96, 80))
+    assert Path(png).name.startswith("small_x4_dat_")
+
+
+def test_bad_requests_are_one_line_value_errors(random_engines, tmp_path):
+    path = tmp_path / "small.png"
+    Image.new("RGB", (10, 10)).save(path)
     limits = app.DemoLimits(max_input_pixels=50, max_steps=3)
-    with pytest.raises(ValueError, match="pixels"):
-        app.upscale(pipe, limits, Image.new("RGB", (10, 10)), "", "", 2, 2, 1.0, 1.0, "none", 0)
-    with pytest.raises(ValueError, match="steps"):
-        app.upscale(pipe, limits, Image.new("RGB", (5, 5)), "", "", 2, 9, 1.0, 1.0, "none", 0)
-    with pytest.raises(ValueError, match="image"):
-        app.upscale(pipe, limits, None, "", "", 2, 2, 1.0, 1.0, "none", 0)
+
+    def run(**kw):
+        args = dict(path=str(path), prompt="", degradation_prompt="", engine="diffusion", upscale_factor=2, steps=2)
+        args.update(kw)
+        return app.upscale(random_engines, kw.pop("limits", limits), **{k: v for k, v in args.items() if k != "limits"})
+
+    with pytest.raises(ValueError, match=r"`image` has 10×10 = 100 pixels; this demo accepts at most 50"):
+        run()
+    with pytest.raises(ValueError, match=r"`steps` must be in \[1, 3\]; got 9"):
+        run(limits=app.DemoLimits(max_steps=3), steps=9)
+    with pytest.raises(ValueError, match="`image`: upload an image first"):
+        run(path=None)
+    with pytest.raises(ValueError, match=r"`engine` must be one of \['diffusion', 'dat'\]; got 'esrgan'"):
+        run(limits=app.DemoLimits(), engine="esrgan")
+    with pytest.raises(ValueError, match=r"`degradation prompt`: cannot read 'Deblur with sigma 9~10'; allowed"):
+        run(limits=app.DemoLimits(), degradation_prompt="Deblur with sigma 9~10")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="`image` is not a readable image"):
+        run(limits=app.DemoLimits(), path=str(broken))
+    for message in ("pixels", "cannot read"):
+        with pytest.raises(ValueError, match=message) as info:
+            run(limits=limits if message == "pixels" else app.DemoLimits(), degradation_prompt="Deblur with x")
+        assert "\n" not in str(info.value)
 
 
 def _free_port() -> int:
@@ -70,19 +154,16 @@ def _upload(url: str, nbytes: int) -> int:
         return err.code
 
 
-def test_server_rejects_uploads_over_the_limit(pipe, monkeypatch):
+def test_server_binds_locally_queues_and_rejects_uploads_over_the_limit(random_engines, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    limits = app.DemoLimits(max_upload_mb=0.01)
-    demo = app.build_demo(pipe, limits)
-    demo.queue().launch(
-        server_name="127.0.0.1",
-        server_port=_free_port(),
-        max_file_size=limits.max_upload_bytes,
-        prevent_thread_lock=True,
-        quiet=True,
-    )
+    limits = app.DemoLimits(max_upload_mb=0.01, max_concurrency=1, max_queue=4)
+    demo = app.build_demo(random_engines, limits)
+    app.launch(demo, limits, port=_free_port(), prevent_thread_lock=True, quiet=True)
     try:
         assert demo.server_name == "127.0.0.1"
+        assert demo._queue.max_size == 4
+        bounded = {fn.name: (fn.concurrency_limit, fn.concurrency_id) for fn in demo.fns.values() if fn.queue}
+        assert bounded == {"on_image": (1, "models"), "on_run": (1, "models")}
         assert _upload(demo.local_url, 1_000) == 200
         assert _upload(demo.local_url, 50_000) == 413
     finally:
