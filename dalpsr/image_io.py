@@ -3,10 +3,19 @@
 Alpha policy: colour channels are processed as stored (not premultiplied); the alpha channel is kept
 apart, resized with bicubic interpolation to the output size and reattached to PIL outputs, so an
 RGBA/LA input gives an RGBA output. Palette images with transparency count as RGBA.
+
+Gray policy: a one-channel input (L, 1, I;16, I, F, LA; a 2-D or one-channel array or tensor) is processed as RGB and
+`RGBImage.mode` records "L" (or "LA"), so a PIL output can be converted back (L in, L out).
+
+Folder rule (`scan_images`, used by `list_images`, `dalpsr.batch` and every command): a folder contributes its files
+whose suffix is in `IMAGE_EXTENSIONS`; its other files are returned as ignored with the reason, hidden files (names
+starting with ".") are left out; a file named explicitly is always tried. Of an animated image (GIF, APNG, WebP) the
+first frame is used and `load_image` says so (a warning on the "dalpsr" logger and `RGBImage.note`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterable
@@ -17,7 +26,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+logger = logging.getLogger("dalpsr")
+
+
+class ImageDecodeError(OSError, ValueError):
+    """An image file that cannot be decoded (not an image, truncated, or too large to decode); the message names
+    the file. Both an `OSError` (as Pillow's errors) and a `ValueError` (bad input)."""
 
 
 @dataclass
@@ -26,6 +42,8 @@ class RGBImage:
 
     rgb: torch.Tensor
     alpha: torch.Tensor | None = None
+    mode: str = "RGB"
+    note: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -33,13 +51,24 @@ class RGBImage:
         return int(self.rgb.shape[-2]), int(self.rgb.shape[-1])
 
 
+GRAY_MODES = ("1", "L", "I;16", "I;16B", "I;16L", "I", "F")
+
+
 def _pil_to_rgb(image: Image.Image) -> RGBImage:
     image = ImageOps.exif_transpose(image)
-    alpha = None
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
+    if mode in GRAY_MODES or mode == "LA":
+        decoded = _pil_to_rgb_any(image, mode)
+        decoded.mode = "LA" if decoded.alpha is not None else "L"
+        return decoded
+    return _pil_to_rgb_any(image, mode)
+
+
+def _pil_to_rgb_any(image: Image.Image, mode: str) -> RGBImage:
+    alpha = None
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(image, dtype=np.float32)
         scale = 65535.0 if mode.startswith("I") else 1.0
@@ -55,6 +84,11 @@ def _pil_to_rgb(image: Image.Image) -> RGBImage:
     return RGBImage(torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), alpha)
 
 
+def _check_not_empty(height: int, width: int, name: str, shape: tuple) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"`{name}` is empty: {width}×{height} (W×H, shape {shape}); an image needs at least 1×1.")
+
+
 def _numpy_to_rgb(array: np.ndarray, name: str) -> RGBImage:
     if array.ndim == 2:
         array = array[:, :, None]
@@ -62,6 +96,7 @@ def _numpy_to_rgb(array: np.ndarray, name: str) -> RGBImage:
         raise ValueError(
             f"`{name}` as a numpy array must be H×W or H×W×C with C in 1, 2, 3, 4; got shape {array.shape}."
         )
+    _check_not_empty(array.shape[0], array.shape[1], name, tuple(array.shape))
     if array.dtype == np.uint8:
         data = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:
@@ -84,9 +119,11 @@ def _numpy_to_rgb(array: np.ndarray, name: str) -> RGBImage:
         tensor = tensor[:-1]
         if bool((alpha >= 1.0).all()):
             alpha = None
-    if tensor.shape[0] == 1:
+    gray = tensor.shape[0] == 1
+    if gray:
         tensor = tensor.expand(3, -1, -1)
-    return RGBImage(tensor.contiguous(), alpha)
+    mode = ("LA" if alpha is not None else "L") if gray else "RGB"
+    return RGBImage(tensor.contiguous(), alpha, mode)
 
 
 def _tensor_to_rgb(tensor: torch.Tensor, name: str) -> list[RGBImage]:
@@ -101,15 +138,19 @@ def _tensor_to_rgb(tensor: torch.Tensor, name: str) -> list[RGBImage]:
         )
     if not tensor.is_floating_point():
         raise TypeError(f"`{name}` tensor must be floating point in [0, 1]; got dtype {tensor.dtype}.")
+    _check_not_empty(tensor.shape[-2], tensor.shape[-1], name, tuple(tensor.shape))
+    if tensor.shape[0] == 0:
+        raise ValueError(f"`{name}` is an empty batch: shape {tuple(tensor.shape)}; pass at least one image.")
     tensor = tensor.detach().float().cpu()
     if not torch.isfinite(tensor).all():
         raise ValueError(f"`{name}` contains NaN or inf values.")
     lo, hi = float(tensor.min()), float(tensor.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"`{name}` tensor values must lie in [0, 1]; got range [{lo:.4g}, {hi:.4g}].")
-    if tensor.shape[1] == 1:
+    gray = tensor.shape[1] == 1
+    if gray:
         tensor = tensor.expand(-1, 3, -1, -1)
-    return [RGBImage(t.contiguous()) for t in tensor]
+    return [RGBImage(t.contiguous(), mode="L" if gray else "RGB") for t in tensor]
 
 
 def to_rgb_images(image, name: str = "image") -> list[RGBImage]:
@@ -130,6 +171,7 @@ def to_rgb_images(image, name: str = "image") -> list[RGBImage]:
     if isinstance(image, str | os.PathLike):
         return [load_image(image)]
     if isinstance(image, Image.Image):
+        _check_not_empty(image.height, image.width, name, (image.height, image.width))
         return [_pil_to_rgb(image)]
     if isinstance(image, np.ndarray):
         return [_numpy_to_rgb(image, name)]
@@ -141,13 +183,33 @@ def to_rgb_images(image, name: str = "image") -> list[RGBImage]:
 
 
 def load_image(path: str | os.PathLike) -> RGBImage:
-    """Decode an image file (any Pillow mode; EXIF orientation applied) to an `RGBImage`."""
+    """Decode an image file (any Pillow mode; EXIF orientation applied) to an `RGBImage`.
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        ImageDecodeError: not an image, truncated, or above Pillow's decompression-bomb limit (`MAX_IMAGE_PIXELS`);
+            the message names the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Image file not found: {path}")
-    with Image.open(path) as img:
-        img.load()
-        return _pil_to_rgb(img)
+    try:
+        with Image.open(path) as img:
+            frames = getattr(img, "n_frames", 1)
+            img.load()
+            image = _pil_to_rgb(img)
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(
+            f"{path}: too large to decode safely ({err}). If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from err
+    except (OSError, SyntaxError, ValueError) as err:  # Pillow's errors for unknown, broken and truncated files
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ImageDecodeError(f"{path}: cannot decode the image ({type(err).__name__}: {err}).") from err
+    if frames > 1:
+        image.note = f"animated image with {frames} frames: the first frame is used"
+        logger.warning("%s: %s", path, image.note)
+    return image
 
 
 def load_pil_rgb(path: str | os.PathLike) -> Image.Image:
@@ -155,28 +217,55 @@ def load_pil_rgb(path: str | os.PathLike) -> Image.Image:
     return tensor_to_pil(load_image(path).rgb)
 
 
-def tensor_to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
-    """3×H×W float [0, 1] (and optional 1×H×W alpha) → 8-bit PIL RGB/RGBA, rounding to nearest."""
+def tensor_to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None, mode: str = "RGB") -> Image.Image:
+    """3×H×W float [0, 1] (and optional 1×H×W alpha) → 8-bit PIL RGB/RGBA, rounding to nearest; with `mode` "L" or
+    "LA" (a gray input's `RGBImage.mode`) → L/LA by Pillow's ITU-R 601-2 luma."""
     arr = (rgb.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
     if alpha is None:
-        return Image.fromarray(arr, mode="RGB")
-    a = (alpha.detach().float().clamp(0, 1)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(np.concatenate([arr, a[:, :, None]], axis=2), mode="RGBA")
+        image = Image.fromarray(arr, mode="RGB")
+    else:
+        a = (alpha.detach().float().clamp(0, 1)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
+        image = Image.fromarray(np.concatenate([arr, a[:, :, None]], axis=2), mode="RGBA")
+    if mode in ("L", "LA"):
+        return image.convert("LA" if alpha is not None else "L")
+    return image
+
+
+def scan_images(
+    paths: Iterable[str | os.PathLike], recursive: bool = False
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]], list[Path]]:
+    """(found, ignored, missing) for files and folders, by the folder rule of this module: image files as (file, path
+    relative to the folder it came from; a named file: its name), the folders' other files with the reason, and
+    inputs that do not exist."""
+    found: list[tuple[Path, Path]] = []
+    ignored: list[tuple[Path, str]] = []
+    missing: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            for f in sorted(q for q in path.glob(pattern) if q.is_file() and not q.name.startswith(".")):
+                if f.suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append((f, f.relative_to(path)))
+                else:
+                    ignored.append((f, f"suffix {f.suffix or '(none)'!r} is not an image type"))
+        elif path.is_file():
+            found.append((path, Path(path.name)))
+        else:
+            missing.append(path)
+    return found, ignored, missing
 
 
 def list_images(paths: Iterable[str | os.PathLike], recursive: bool = False) -> list[Path]:
-    """Expand files and folders into a sorted list of image files (by extension)."""
-    found: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found.extend(sorted(q for q in p.glob(pattern) if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
-        elif p.is_file():
-            found.append(p)
-        else:
-            raise FileNotFoundError(f"Input not found: {p}")
-    return found
+    """Expand files and folders into a list of image files by the folder rule (`scan_images`; folders sorted).
+
+    Raises:
+        FileNotFoundError: an input does not exist.
+    """
+    found, _, missing = scan_images(paths, recursive)
+    if missing:
+        raise FileNotFoundError(f"Input not found: {missing[0]}")
+    return [f for f, _ in found]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -4,7 +4,8 @@
 - `RestorerEngine`: a regression restorer alone (`DATRestorer`, with the degradation encoder its fusion needs, or a
   plain DAT), no diffusion weights.
 
-Each engine maps a `Job` (input file, output file, key) to a PIL image and a log record, so both share the batch
+Each engine maps a `Job` (input file, output file, key) to a PIL image and a log record (`size_wh`: the output's
+[width, height], as every size in dalpsr; a gray input gives a gray output), so both share the batch
 semantics of `dalpsr.batch` (atomic writes, bad files reported and skipped, resume). Per-image seeds derive from
 the run seed and the job's key (its relative path), so an output does not depend on its position in the run.
 """
@@ -127,6 +128,7 @@ class DiffusionEngine:
         result = self.pipe(str(job.src), generator=seeded_generator(self.seed, job.key), **self.call_kwargs)
         record = {
             "engine": self.name,
+            "size_wh": list(result.images[0].size),
             "prompt": result.prompts[0],
             "degradation_prompt": result.degradation_prompts[0],
             "unet_prompt": result.unet_prompts[0],
@@ -216,4 +218,7 @@ class RestorerEngine:
         alpha = image.alpha
         if alpha is not None:
             alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
-        return tensor_to_pil(sr[0].float().cpu(), alpha), {"engine": self.name, "size": [out_h, out_w]}
+        record = {"engine": self.name, "size_wh": [out_w, out_h]}
+        if image.note:
+            record["note"] = image.note
+        return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
