@@ -785,7 +785,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             alpha = None
             if im.alpha is not None:
                 alpha = F.interpolate(im.alpha[None], size=sr.shape[-2:], mode="bicubic", align_corners=False)[0]
-            pil.append(tensor_to_pil(sr[k], alpha))
+            pil.append(tensor_to_pil(sr[k], alpha, im.mode))
         return pil
 
     # ------------------------------------------------------------------ properties used by callbacks

@@ -11,7 +11,7 @@ import sys
 
 from dalpsr.commands._common import threshold_arg
 from dalpsr.degradations.jpeg_tables import read_jpeg_quality
-from dalpsr.image_io import list_images, load_image
+from dalpsr.image_io import load_image, scan_images
 from dalpsr.loaders.degradation import (
     DECODER_SUBFOLDER,
     ENCODER_SUBFOLDER,
@@ -53,21 +53,21 @@ def run_describe(args) -> int:
     except DegradationModelNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    failed, paths = 0, []
-    for item in args.images:
-        try:
-            paths.extend(list_images([item]))
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            failed += 1
-    for path in paths:
-        try:
+    found, ignored, missing = scan_images(args.images)
+    for path, why in ignored:
+        print(f"ignored: {path}: {why}", file=sys.stderr)
+    for path in missing:
+        print(f"error: input not found: {path}", file=sys.stderr)
+    failed = len(missing)
+    for path, _ in found:
+        try:  # any failure on one file (undecodable, too large, too small for the model) is reported; the rest go on
             rgb, jpeg = load_image(path).rgb, read_jpeg_quality(path)
-        except (OSError, ValueError) as err:
-            print(f"error: {path}: {err}", file=sys.stderr)
+            prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold, jpeg=jpeg)
+        except Exception as err:  # noqa: BLE001
+            message = str(err) if str(path) in str(err) else f"{path}: {type(err).__name__}: {err}"
+            print(f"error: {message}", file=sys.stderr)
             failed += 1
             continue
-        prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold, jpeg=jpeg)
         report = {"image": str(path), **prediction.report(0), "jpeg_quality": jpeg.quality if jpeg else None}
         if args.json:
             print(json.dumps(report))

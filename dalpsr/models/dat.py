@@ -126,6 +126,29 @@ def shift_window_mask(height: int, width: int, window: tuple[int, int], shift: t
     return torch.zeros(differ.shape).masked_fill(differ, _MASK_VALUE)
 
 
+def pad_to_window(fn: Callable[[Tensor], Tensor], image: Tensor, scale: int, window: int) -> Tensor:
+    """`fn(image)` for an image shorter than the attention window on a side: padded on both ends of that side to
+    `window` by reflection (replication where the side is too short to reflect), run, and the output cropped back to
+    `H*scale × W*scale`.
+
+    DAT zero-pads its windows internally (as the official code) and its convolutions zero-pad the borders, which bend
+    the outermost ~3 input pixels; on an input of a few pixels that is all of it (a 1×1 (200, 10, 10) came out about
+    (117, 99, 87)). Centred in a padded window, the image is away from both.
+    """
+    h, w = image.shape[-2:]
+    if h >= window and w >= window:
+        return fn(image)
+    x, box = image, []
+    for dim, size in ((-1, w), (-2, h)):
+        total = max(0, window - size)
+        before, after = total // 2, total - total // 2
+        if total:
+            sides = (before, after, 0, 0) if dim == -1 else (0, 0, before, after)
+            x = F.pad(x, sides, mode="reflect" if after < size else "replicate")
+        box.append(slice(before * scale, (before + size) * scale))
+    return fn(x)[..., box[1], box[0]]
+
+
 class _DropPath(nn.Module):
     """Stochastic depth on the residual branch (identity in eval mode)."""
 
@@ -681,8 +704,12 @@ class DAT(ModelMixin, ConfigMixin):
         tile_overlap: int = 16,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Inference helper: optional tiling and fp16/bf16 autocast. See `tiled_forward`."""
-        return tiled_forward(self, image, self.scale, tile_size, tile_overlap, dtype)
+        """Inference helper: optional tiling and fp16/bf16 autocast (see `tiled_forward`); inputs smaller than the
+        attention window are padded to it and the output cropped (`pad_to_window`)."""
+        window = max(self.config.split_size)
+        return pad_to_window(
+            lambda x: tiled_forward(self, x, self.scale, tile_size, tile_overlap, dtype), image, self.scale, window
+        )
 
 
 def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -772,4 +799,4 @@ def tiled_forward(
     return out / total
 
 
-__all__ = ["DAT", "DAT_PRESETS", "PreGroupHook", "shift_window_mask", "tiled_forward"]
+__all__ = ["DAT", "DAT_PRESETS", "PreGroupHook", "pad_to_window", "shift_window_mask", "tiled_forward"]

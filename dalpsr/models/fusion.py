@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from dalpsr.models.cdsr import DQABlock, embedding_compressor
-from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, tiled_forward
+from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, pad_to_window, tiled_forward
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
 
 logger = logging.getLogger(__name__)
@@ -504,16 +504,18 @@ class DATRestorer(ModelMixin, ConfigMixin):
             dtype: `torch.float16` / `torch.bfloat16` autocast, None for the input dtype.
 
         Returns:
-            (B, 3, H*scale, W*scale) in `lr`'s dtype, unclamped.
+            (B, 3, H*scale, W*scale) in `lr`'s dtype, unclamped. Inputs smaller than DAT's attention window are
+            padded to it and the output cropped (`dalpsr.models.dat.pad_to_window`).
         """
-        cond = self._conditioning(lr, features, encoder)
-        if cond is None:
-            return tiled_forward(self.dat, lr, self.scale, tile_size, tile_overlap, dtype)
+        cond = self._conditioning(lr, features, encoder)  # on the unpadded images
 
         def run(tile: Tensor) -> Tensor:
-            return self.dat(tile, self._fusion_hook(*cond))
+            return self.dat(tile) if cond is None else self.dat(tile, self._fusion_hook(*cond))
 
-        return tiled_forward(run, lr, self.scale, tile_size, tile_overlap, dtype)
+        window = max(self.dat.config.split_size)
+        return pad_to_window(
+            lambda x: tiled_forward(run, x, self.scale, tile_size, tile_overlap, dtype), lr, self.scale, window
+        )
 
 
 __all__ = ["DATRestorer", "FeatureProjection", "FusionAttention", "FusionBlock"]
