@@ -93,7 +93,7 @@ def test_restorer_request_is_4x_and_a_png(random_engines, tmp_path):
     (before, after), png, used = app.upscale(
         random_engines, app.DemoLimits(), str(path), "", "", "dat", out_dir=tmp_path
     )
-    assert before.size == after.size == (96, 80) and used["engine"] == "dat" and used["size"] == [96, 80]
+    assert before.size == after.size == (96, 80) and used["engine"] == "dat" and used["size_wh"] == [96, 80]
     with Image.open(png) as out:
         assert (out.format, out.size) == ("PNG", (96, 80))
     assert Path(png).name.startswith("small_x4_dat_")
