@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from dalpsr.batch import find_inputs
+from dalpsr.batch import Shard, ShardProgress, find_inputs
 from dalpsr.captioning import (
     DEFAULT_CAPTION_MODEL,
     DEFAULT_INSTRUCTION,
@@ -29,7 +27,8 @@ def add_commands(subparsers) -> None:
             "Caption every image under the inputs with a transformers image-text-to-text model. Captions are "
             "appended to --out as they are made; a rerun skips images already captioned with the same model "
             "and instruction. Unreadable images are reported and skipped; the exit code is 1 when any failed. "
-            "Training scripts read the result with dalpsr.captioning.load_captions."
+            "Training scripts read the result with dalpsr.captioning.load_captions. Under `accelerate launch -m "
+            "dalpsr caption ...` the images are split over the processes (one device each), all writing one cache."
         ),
     )
     p.add_argument("inputs", nargs="+", type=Path, help="image folders and/or image files")
@@ -42,13 +41,16 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: CUDA when available)")
+    p.add_argument(
+        "--device", default=None, help="e.g. cuda, cuda:1, cpu (default: CUDA when available, one GPU per process)"
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes NF4 weights (CUDA only)")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes 8-bit weights (CUDA only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repository's own code")
-    p.add_argument("--local-files-only", action="store_true", help="never contact the model hub")
+    p.add_argument("--local-files-only", action="store_true", help="never contact the model hub (the default)")
+    p.add_argument("--download", action="store_true", help="download the model from the hub when it is not on disk")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--recursive", action="store_true", help="also caption images in sub-folders")
     p.set_defaults(func=run_caption)
@@ -63,9 +65,16 @@ def run_caption(args) -> int:
             )
             return 2
     instruction = args.instruction or DEFAULT_INSTRUCTION
+    shard = Shard.current()
+    try:
+        device = shard.device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     found, _, missing = find_inputs(args.inputs, args.recursive)
-    files = [(f, rel.as_posix()) for f, rel in found]
-    failures = [f"{m}: not found" for m in missing]
+    files = sorted(((f, rel.as_posix()) for f, rel in found), key=lambda item: item[1])
+    total, files = len(files), shard.take(files)
+    failures = [f"{m}: not found" for m in missing] if shard.is_main else []
     cache = CaptionCache(args.out)
     captioner = Captioner.from_pretrained(
         args.model or DEFAULT_CAPTION_MODEL,
@@ -73,12 +82,12 @@ def run_caption(args) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         lazy=True,  # a finished run resumes without loading the model at all
-        device=args.device,
+        device=str(device),
         dtype=args.dtype,
         load_in_4bit=args.load_in_4bit,
         load_in_8bit=args.load_in_8bit,
         trust_remote_code=args.trust_remote_code,
-        local_files_only=True if args.local_files_only else None,
+        local_files_only=not args.download or args.local_files_only,
         revision=args.revision,
     )
     done = cached = 0
@@ -102,7 +111,7 @@ def run_caption(args) -> int:
         batch.clear()
 
     try:
-        with tqdm(total=len(files), desc="caption", unit="img", disable=None) as bar:
+        with ShardProgress(shard, total, "caption") as bar:
             for path, name in files:
                 try:
                     image = load_pil_rgb(path)
@@ -134,7 +143,10 @@ def run_caption(args) -> int:
         captioner.unload()
         cache.close()
 
-    print(f"{done} captioned, {cached} already in {args.out}, {len(failures)} failed.")
-    for line in failures:
-        print(f"failed: {line}", file=sys.stderr)
+    done, cached = sum(shard.gather([done])), sum(shard.gather([cached]))
+    failures = shard.gather(failures)
+    if shard.is_main:
+        print(f"{done} captioned, {cached} already in {args.out}, {len(failures)} failed.")
+        for line in failures:
+            print(f"failed: {line}", file=sys.stderr)
     return 1 if failures else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from dalpsr.batch import Shard
 from dalpsr.commands._common import (
     EVAL_EXIT_CODES,
     add_protocol_args,
@@ -22,7 +23,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score a folder of results with pyiqa metrics",
-        description="Score predictions (paired with GT by file stem) with pyiqa metrics. " + EVAL_EXIT_CODES,
+        description="Score predictions (paired with GT by file stem) with pyiqa metrics. Under `accelerate launch -m "
+        "dalpsr eval ...` the images are split over the processes and the main process writes the results. "
+        + EVAL_EXIT_CODES,
     )
     p.add_argument("--pred", required=True, help="folder of predicted images")
     p.add_argument("--gt", default=None, help="folder of ground-truth images (same stems)")
@@ -32,7 +35,9 @@ def add_commands(subparsers) -> None:
 
 
 def run_eval(args) -> int:
+    shard = Shard.current()
     try:
+        args.device = str(shard.device(args.device))
         result = evaluate_folder(
             args.pred,
             args.gt,
@@ -40,10 +45,13 @@ def run_eval(args) -> int:
             protocol_from_args(args),
             args.weights_dir,
             progress=not args.no_progress,
+            shard=shard,
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:  # ImportError: the metrics extra is not installed
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not shard.is_main:  # the main process reports for all
+        return 0 if not result.metric_errors and not result.skipped and not result.cell_errors and result.n else 1
     clean = report_problems(result)
     for stem, why in result.skipped.items():
         print(f"skipped {stem}: {why}", file=sys.stderr)

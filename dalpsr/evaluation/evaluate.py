@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dalpsr.batch import Shard, ShardProgress
 from dalpsr.evaluation.metrics import Metric, MetricProtocol, build_metrics, score
 from dalpsr.evaluation.pairing import align_sizes, pair_folders
 from dalpsr.evaluation.tables import csv_text, markdown_table
@@ -114,6 +115,26 @@ def _means(rows: list[dict], names: list[str]) -> tuple[dict[str, float], dict[s
     return means, counts
 
 
+def _score_shard(
+    files: dict[str, tuple[Path, Path | None]],
+    metrics: dict[str, Metric],
+    protocol: MetricProtocol,
+    progress: bool,
+    shard: Shard,
+) -> tuple[list[dict], dict[str, str], dict[str, str], dict[str, str]]:
+    """`score_pairs` on this process's images, gathered from all processes in `files` order."""
+    parts: list[tuple[str, tuple]] = []
+    with ShardProgress(shard, len(files), "eval", enabled=progress) as bar:
+        for stem in shard.take(list(files)):
+            parts.append((stem, score_pairs({stem: files[stem]}, metrics, protocol, progress=False)))
+            bar.update()
+    order = {stem: i for i, stem in enumerate(files)}
+    parts = sorted(shard.gather(parts), key=lambda part: order[part[0]])
+    rows = [row for _, (r, *_) in parts for row in r]
+    skipped, cell_errors, notes = ({k: v for _, part in parts for k, v in part[i].items()} for i in (1, 2, 3))
+    return rows, skipped, cell_errors, notes
+
+
 def evaluate_folder(
     pred: str | os.PathLike,
     gt: str | os.PathLike | None = None,
@@ -121,6 +142,7 @@ def evaluate_folder(
     protocol: MetricProtocol | None = None,
     weights_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> EvalResult:
     """Score a folder of predictions, optionally against GT files with the same stems.
 
@@ -130,6 +152,8 @@ def evaluate_folder(
         metrics: pyiqa metric names; default psnr and ssim with `gt`, niqe without.
         protocol: scoring protocol; default `MetricProtocol()`.
         weights_dir: TORCH_HOME-style folder with `hub/pyiqa/` etc. (see `dalpsr.evaluation.weights`).
+        shard: this process's share of a multi-process run (`Shard.current()`): it scores every `count`-th image
+            and every process gets the scores of all.
     """
     protocol = protocol or MetricProtocol()
     names = metrics or (["psnr", "ssim"] if gt is not None else ["niqe"])
@@ -138,7 +162,10 @@ def evaluate_folder(
     folders = {"pred": pred} if gt is None else {"pred": pred, "gt": gt}
     pairing = pair_folders(folders)
     files = {s: (pairing.files["pred"][s], pairing.files["gt"][s] if gt is not None else None) for s in pairing.stems}
-    rows, skipped, cell_errors, notes = score_pairs(files, built, protocol, progress)
+    if shard is None or shard.count == 1:
+        rows, skipped, cell_errors, notes = score_pairs(files, built, protocol, progress)
+    else:
+        rows, skipped, cell_errors, notes = _score_shard(files, built, protocol, progress, shard)
     means, counts = _means(rows, list(built))
     return EvalResult(
         rows,
