@@ -8,7 +8,14 @@ keep their class names importable at top level.
 
 from __future__ import annotations
 
+import logging
+
 from dalpsr._lazy import lazy_getattr
+
+# diffusers imports bitsandbytes when it is installed (pyiqa depends on it); on CPUs with AVX512-BF16 its import warns
+# that an optional CPU 4-bit kernel is missing. dalpsr quantises only on CUDA, so the Python API, the demo and the CLI
+# keep that logger to errors (as `dalpsr.cli` does).
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

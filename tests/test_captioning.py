@@ -259,7 +259,7 @@ def test_missing_model_gives_one_clear_error(tmp_path, monkeypatch):
         Captioner.from_pretrained(str(tmp_path / "missing-folder"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CaptionModelNotFoundError, match="offline mode"):
-        Captioner.from_pretrained("nobody/no-such-captioner", cache_dir=str(tmp_path))
+        Captioner.from_pretrained("nobody/no-such-captioner", cache_dir=str(tmp_path), local_files_only=False)
 
 
 def test_cached_hub_snapshot_loads_offline(llava_dir, tmp_path, monkeypatch):

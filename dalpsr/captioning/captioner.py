@@ -78,7 +78,7 @@ class CaptionModelNotFoundError(OSError):
 
 def _missing_model_error(model_id: str, detail: str) -> CaptionModelNotFoundError:
     return CaptionModelNotFoundError(
-        f"Caption model {model_id!r} could not be loaded: {detail}\n"
+        f"Caption model {model_id!r} could not be loaded: {detail} "
         f"No model hub is needed when the weights are on disk: download them once where a network is "
         f"available (`huggingface-cli download {model_id} --local-dir ./{model_id.rsplit('/', 1)[-1]}`) "
         f"and pass the folder instead of the id, e.g. `Captioner.from_pretrained('./"
@@ -89,7 +89,8 @@ def _missing_model_error(model_id: str, detail: str) -> CaptionModelNotFoundErro
 def _locate_model(
     model_id: str, revision: str | None, cache_dir: str | None, local_files_only: bool | None
 ) -> tuple[str, bool]:
-    """Return (what to load from, whether to stay offline); raise one clear error if it cannot exist."""
+    """Return (what to load from, whether to stay offline); raise one clear error at once when the model is neither
+    a folder nor in the local Hugging Face cache and downloads are not allowed (`local_files_only` not False)."""
     if os.path.isdir(os.path.expanduser(model_id)):
         return os.path.expanduser(model_id), True
     if _looks_like_path(model_id):
@@ -101,10 +102,13 @@ def _locate_model(
         try:
             return snapshot_download(model_id, revision=revision, cache_dir=cache_dir, local_files_only=True), True
         except LocalEntryNotFoundError:
-            if local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-                raise _missing_model_error(
-                    model_id, "it is not in the local Hugging Face cache and offline mode is on."
-                ) from None
+            raise _missing_model_error(
+                model_id,
+                "it is not in the local Hugging Face cache, and nothing is downloaded unless asked "
+                "(`local_files_only=False`; `dalpsr caption --download`).",
+            ) from None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise _missing_model_error(model_id, "downloads are allowed but offline mode is on (HF_HUB_OFFLINE).")
     return model_id, False
 
 
@@ -130,8 +134,9 @@ def load_caption_model(
         load_in_4bit: quantise the weights to 4 bit (NF4) with bitsandbytes; CUDA only.
         load_in_8bit: quantise the weights to 8 bit with bitsandbytes; CUDA only.
         trust_remote_code: allow the model repository's own Python code; off unless asked.
-        local_files_only: True never contacts the hub; None (default) uses the local cache when the
-            model is there and downloads otherwise; False always checks the hub.
+        local_files_only: None (default) or True: never contact the hub; a hub id must be in the local cache,
+            else this fails at once with one clear error. False: allow the download (and check the hub for a
+            newer revision).
         revision: hub revision (branch, tag or commit).
         cache_dir: Hugging Face cache folder.
     """
