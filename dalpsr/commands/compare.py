@@ -113,7 +113,7 @@ def run_compare(args) -> int:
             progress=not args.no_progress,
         )
         stems = _grid_stems(result, args.grid, args.grid_count)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, ImportError) as err:  # ImportError: the metrics extra is not installed
         print(f"error: {err}", file=sys.stderr)
         return 2
     clean = report_problems(result)
