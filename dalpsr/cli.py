@@ -16,6 +16,7 @@ COMMANDS = (
     "compare",
     "weights",
     "convert_dat",
+    "convert_ncnn",
     "convert_ram",
     "convert_seesr",
 )

@@ -388,3 +388,50 @@ def get_dummy_restorer(seed: int = 0, scale: int = 2, context_dim: int = 32, ran
                 if name.startswith("fusion_blocks") and not param.any():
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     return restorer
+
+
+def rrdbnet_state_dict(
+    seed: int = 0, num_filters: int = 8, num_blocks: int = 1, num_upsample: int = 2, in_nc: int = 3, out_nc: int = 3
+) -> dict[str, torch.Tensor]:
+    """Random RRDBNet weights in Real-ESRGAN's (BasicSR's) key layout: `conv_first`, `body.{b}.rdb{1..3}.conv{1..5}`,
+    `conv_body`, `conv_up{i}` (one per ×2), `conv_hr`, `conv_last`; growth 32 channels (the value spandrel assumes)."""
+    generator = torch.Generator().manual_seed(seed)
+    growth, state = 32, {}
+
+    def conv(name: str, out_ch: int, in_ch: int) -> None:
+        state[f"{name}.weight"] = torch.randn(out_ch, in_ch, 3, 3, generator=generator) * 0.05
+        state[f"{name}.bias"] = torch.randn(out_ch, generator=generator) * 0.01
+
+    conv("conv_first", num_filters, in_nc)
+    for b in range(num_blocks):
+        for r in range(1, 4):
+            for c in range(1, 6):
+                conv(f"body.{b}.rdb{r}.conv{c}", growth if c < 5 else num_filters, num_filters + (c - 1) * growth)
+    for name in ["conv_body", *[f"conv_up{i}" for i in range(1, num_upsample + 1)], "conv_hr"]:
+        conv(name, num_filters, num_filters)
+    conv("conv_last", out_nc, num_filters)
+    return state
+
+
+def compact_state_dict(
+    seed: int = 0, num_feat: int = 8, num_conv: int = 2, upscale: int = 4, in_nc: int = 3, out_nc: int = 3
+) -> dict[str, torch.Tensor]:
+    """Random SRVGGNetCompact weights (realesr-animevideov3's layout): convolutions `body.{2i}`, PReLU `body.{2i+1}`."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    channels = [in_nc] + [num_feat] * (num_conv + 1)
+    for i in range(num_conv + 2):
+        out_ch = num_feat if i <= num_conv else out_nc * upscale * upscale
+        state[f"body.{2 * i}.weight"] = torch.randn(out_ch, channels[i], 3, 3, generator=generator) * 0.1
+        state[f"body.{2 * i}.bias"] = torch.randn(out_ch, generator=generator) * 0.01
+        if i <= num_conv:
+            state[f"body.{2 * i + 1}.weight"] = torch.rand(num_feat, generator=generator) * 0.3
+    return state
+
+
+def get_dummy_spandrel_restorer(seed: int = 0, kind: str = "rrdb"):
+    """A tiny `SpandrelRestorer` (×4) over random `rrdbnet_state_dict` ("rrdb") or `compact_state_dict` ("compact")."""
+    from dalpsr.models.restorer import SpandrelRestorer
+
+    state = rrdbnet_state_dict(seed) if kind == "rrdb" else compact_state_dict(seed)
+    return SpandrelRestorer.from_state_dict(state)

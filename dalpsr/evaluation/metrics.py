@@ -18,6 +18,8 @@ from dalpsr.evaluation.weights import (
     missing_message,
     missing_weight_files,
     offline_pyiqa,
+    shipped_metric_options,
+    shipped_parameters,
 )
 
 # Pixel-fidelity metrics that take pyiqa's `test_y_channel` / `color_space` options.
@@ -136,8 +138,8 @@ def build_metrics(
             continue
         options = metric_options(name, protocol)
         try:
-            with offline_pyiqa(weights_dir, name):
-                model = pyiqa.create_metric(name, device=torch.device(protocol.device), **options)
+            with offline_pyiqa(weights_dir, name), shipped_metric_options(name, weights_dir) as shipped:
+                model = pyiqa.create_metric(name, device=torch.device(protocol.device), **options, **shipped)
         except MissingWeightsError as err:
             errors[name] = str(err)
             continue
@@ -145,6 +147,8 @@ def build_metrics(
             errors[name] = f"metric `{name}` could not be built offline: {type(err).__name__}: {err}"
             continue
         model.eval()
+        if shipped:
+            options = {**options, "parameters": str(shipped_parameters(name, weights_dir))}
         built[name] = Metric(name, mode, lower_better, options, model)
     return built, errors
 

@@ -4,6 +4,9 @@ pyiqa downloads weight files on first use: its own files to `$TORCH_HOME/hub/pyi
 backbones to `$TORCH_HOME/hub/checkpoints/<file>`, OpenAI CLIP to `$TORCH_HOME/hub/clip/<file>` and timm
 backbones to the Hugging Face cache. Here nothing is ever downloaded: the files a metric needs are checked
 before the metric is built, and any download pyiqa still attempts is turned into `MissingWeightsError`.
+
+Some metrics' parameters ship with dalpsr (`SHIPPED_PARAMETERS`, under `weights/`): when pyiqa's own file is not
+in the weights folder, the shipped arrays are handed to pyiqa instead, so those metrics need no file at all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from dalpsr.package_data import package_data
 
 WEIGHTS_ENV = "DALPSR_IQA_WEIGHTS"
 
@@ -45,6 +50,10 @@ HUB_FILES: dict[str, tuple[str, ...]] = {
     "clipiqa+": ("clip/RN50.pt", f"{_PYIQA}/CLIP-IQA+_learned_prompts-603f3273.pth"),
     "topiq_nr": (f"{_PYIQA}/cfanet_nr_koniq_res50-9a73138b.pth",),
     "topiq_fr": (f"{_PYIQA}/cfanet_fr_kadid_res50-2c4cc61d.pth",),
+}
+# metric → (the pyiqa hub file it replaces, the file shipped under `weights/`); see weights/niqe/README.md.
+SHIPPED_PARAMETERS: dict[str, tuple[str, str]] = {
+    "niqe": (f"{_PYIQA}/niqe_modelparameters.mat", "niqe/niqe_pris_params.safetensors"),
 }
 # timm backbones that pyiqa builds with `pretrained=True` before loading its own checkpoint.
 TIMM_BACKBONES: dict[str, tuple[str, ...]] = {
@@ -115,10 +124,11 @@ def missing_weight_files(metric: str, weights_dir: str | os.PathLike | None = No
     Only metrics in `HUB_FILES` / `TIMM_BACKBONES` can be checked ahead; others are guarded while built.
     """
     hub = resolve_weights_dir(weights_dir) / "hub"
+    replaced = SHIPPED_PARAMETERS[metric][0] if shipped_parameters(metric, weights_dir) is not None else None
     missing = [
         MissingFile(metric, hub / rel, _source_for(rel))
         for rel in HUB_FILES.get(metric, ())
-        if not (hub / rel).is_file()
+        if rel != replaced and not (hub / rel).is_file()
     ]
     for model_name in TIMM_BACKBONES.get(metric, ()):
         cached = _timm_cached(model_name)
@@ -131,6 +141,39 @@ def missing_weight_files(metric: str, weights_dir: str | os.PathLike | None = No
                 )
             )
     return missing
+
+
+def shipped_parameters(metric: str, weights_dir: str | os.PathLike | None = None) -> Path | None:
+    """The shipped parameter file used for `metric`: when it has one and pyiqa's own file is not in the weights
+    folder (a file put there wins); else None."""
+    if metric not in SHIPPED_PARAMETERS:
+        return None
+    hub_file, shipped = SHIPPED_PARAMETERS[metric]
+    if (resolve_weights_dir(weights_dir) / "hub" / hub_file).is_file():
+        return None
+    path = package_data("weights", shipped)
+    return path if path.is_file() else None
+
+
+@contextlib.contextmanager
+def shipped_metric_options(metric: str, weights_dir: str | os.PathLike | None = None) -> Iterator[dict]:
+    """Extra `pyiqa.create_metric` options that make `metric` use its shipped parameters (empty when it has none
+    or pyiqa's own file is present). NIQE: the arrays are written to a temporary `.mat` in pyiqa's layout
+    (`mu_prisparam`, `cov_prisparam`), which pyiqa reads while the metric is built."""
+    path = shipped_parameters(metric, weights_dir)
+    if path is None:
+        yield {}
+        return
+    import tempfile
+
+    import scipy.io
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(path))
+    with tempfile.TemporaryDirectory(prefix="dalpsr-niqe-") as tmp:
+        mat = Path(tmp) / "niqe_modelparameters.mat"
+        scipy.io.savemat(mat, {"mu_prisparam": arrays["mu_pris_param"], "cov_prisparam": arrays["cov_pris_param"]})
+        yield {"pretrained_model_path": str(mat)}
 
 
 def _timm_cached(model_name: str) -> tuple[str, bool, str] | None:
