@@ -9,7 +9,8 @@ the SD2-base-size pipeline and of the regression restorers.
    of each input shape, then added per call) over the seconds: achieved FLOP/s, and its ratio to the GPU's dense
    fp16 tensor peak (the VAE, text encoder and tiling time is in the seconds but not in the FLOPs, so the ratio is
    a lower bound of the denoiser's own utilisation).
-3. DAT-S (random weights) and the shipped restorer (`weights/degradation_tiny`) in fp16: 128→512 and 256→1024.
+3. DAT-S (random weights) and the shipped restorer (`weights/degradation_tiny`) in fp16: 128→512 and 256→1024,
+   FLOPs of the whole model.
 
 Runs are skipped, and said to be, once the time budget is spent (`--budget`, default 420 s, tests included).
 
@@ -140,22 +141,27 @@ class Report:
         ratio = f"{achieved / self.peak:.1%}" if achieved and self.peak else "–"
         row = (
             f"| {part} | {config} | {size} | {'–' if seconds is None else f'{seconds:.3f}'} | "
-            f"{'–' if vram is None else f'{vram:.2f}'} | {'–' if not flops else f'{flops / 1e12:.2f}'} | "
-            f"{'–' if achieved is None else f'{achieved:.1f}'} | {ratio} | {note} |"
+            f"{'–' if vram is None else f'{vram:.2f}'} | {'–' if not flops else f'{flops / 1e9:.1f}'} | "
+            f"{'–' if achieved is None else f'{achieved:.3f}'} | {ratio} | {note} |"
         )
         self.rows.append(row)
         print(row, flush=True)
 
 
 HEADER = (
-    "| part | config | input→output | s/image | peak VRAM GiB | UNet+CN TFLOP/image | TFLOP/s | of peak | note |\n"
+    "| part | config | input→output | s/image | peak VRAM GiB | GFLOP/image | TFLOP/s | of peak | note |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
 
+def gpu_test_files() -> list[str]:
+    """The test files with a `gpu` mark (collecting only them keeps the run short)."""
+    return sorted(str(p) for p in (ROOT / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+
+
 def run_gpu_tests(dry_run: bool, timeout: float) -> str:
     """`pytest -m gpu` (only collected in a dry run); returns its last line."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(ROOT / "tests")]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files()]
     if dry_run:
         cmd.append("--collect-only")
     try:
@@ -172,7 +178,7 @@ def build_pipeline(dry_run: bool, device: torch.device, dtype: torch.dtype):
     if dry_run:
         from dalpsr.testing import get_dummy_components
 
-        components = get_dummy_components(seed=0, vae_scale_factor=8, unet_sample_size=8)
+        components = get_dummy_components(seed=0, vae_scale_factor=8, unet_sample_size=4)  # native 32 px
     else:
         from dalpsr.loaders.sd2 import build_sd2_base_components
 
@@ -183,7 +189,7 @@ def build_pipeline(dry_run: bool, device: torch.device, dtype: torch.dtype):
 
 
 def bench_pipeline(report: Report, args, device: torch.device, dtype: torch.dtype) -> None:
-    sizes = [8, 16, 32] if args.dry_run else [128, 256, 512]
+    sizes = [4, 8, 16] if args.dry_run else [128, 256, 512]
     pipe = build_pipeline(args.dry_run, device, dtype)
     tally = FlopTally(pipe.unet, pipe.controlnet)
     tally.install()
@@ -213,10 +219,11 @@ def bench_pipeline(report: Report, args, device: torch.device, dtype: torch.dtyp
         configs.append(("xformers", pipe.enable_xformers_memory_efficient_attention))
     except ImportError:
         report.add("pipeline", "xformers", "all", note="xformers not installed")
-    configs.append(("cpu offload", lambda: (pipe.disable_xformers_memory_efficient_attention(), pipe.to("cpu"),
-                                            pipe.enable_model_cpu_offload(device=device))))  # fmt: skip
-    if device.type != "cuda":
-        configs[-1] = ("cpu offload", lambda: None)  # offload moves models to the accelerator; none here
+    if device.type == "cuda":
+        configs.append(("cpu offload", lambda: (pipe.disable_xformers_memory_efficient_attention(), pipe.to("cpu"),
+                                                pipe.enable_model_cpu_offload(device=device))))  # fmt: skip
+    else:
+        report.add("pipeline", "cpu offload", "all", note="skipped: offload needs an accelerator")
     for name, setup in configs:
         setup()
         for size in sizes:
@@ -232,11 +239,10 @@ def bench_pipeline(report: Report, args, device: torch.device, dtype: torch.dtyp
             else:
                 call()
             seconds, vram = measure(call, device, args.repeats)
-            note = "offload: CPU run, no accelerator" if name == "cpu offload" and device.type != "cuda" else ""
-            report.add("pipeline", name, label, seconds, vram, flops[size], note)
+            report.add("pipeline", name, label, seconds, vram, flops[size])
 
 
-def bench_restorers(report: Report, args, device: torch.device, half: torch.dtype) -> None:
+def bench_restorers(report: Report, args, device: torch.device, half: torch.dtype | None) -> None:
     from dalpsr.loaders.restorers import load_restorer
     from dalpsr.models.dat import DAT
     from dalpsr.pipelines.engines import resolve_restorer_source
@@ -263,7 +269,7 @@ def bench_restorers(report: Report, args, device: torch.device, half: torch.dtyp
                 with FlopCounterMode(display=False) as counter:
                     run(model, lr)
                 seconds, vram = measure(lambda: run(model, lr), device, args.repeats)  # noqa: B023
-            precision = "fp16" if half == torch.float16 else "bf16"
+            precision = "fp16" if half == torch.float16 else "fp32"
             report.add("restorer", f"{name} {precision}", label, seconds, vram, counter.get_total_flops())
 
 
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         print(run_gpu_tests(args.dry_run, timeout=min(180.0, args.budget / 2)), flush=True)
     print(HEADER, flush=True)
     bench_pipeline(report, args, device, dtype)
-    bench_restorers(report, args, device, torch.bfloat16 if args.dry_run else torch.float16)
+    bench_restorers(report, args, device, None if args.dry_run else torch.float16)
     print(f"total {time.perf_counter() - report.start:.0f} s (budget {args.budget:.0f} s)")
     return 0
 
