@@ -36,7 +36,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from dalpsr.color import COLOR_FIX_MODES, apply_color_fix
 from dalpsr.image_io import RGBImage, tensor_to_pil, to_rgb_images
 from dalpsr.models.controlnet import build_lr_controlnet
-from dalpsr.tiling import gaussian_weights, tile_starts, tiled_map
+from dalpsr.tiling import tiled_map
 
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, oversmooth, worst quality, low quality, jpeg artifacts"
 DEFAULT_QUALITY_PROMPT = "clean, high-resolution, 8k, ultra-detailed"
@@ -687,7 +687,13 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             return self.vae.encode(t).latent_dist.mode()
 
         if tile is not None and max(x.shape[-2:]) > tile:
-            latents = tiled_map(encode, x, tile, tile // 4, scale=1 / self.vae_scale_factor)
+            latents = tiled_map(
+                encode,
+                x,
+                tile_size=tile,
+                tile_overlap=tile // 4,
+                scale=1 / self.vae_scale_factor,
+            )
         else:
             latents = encode(x)
         return latents * self.vae.config.scaling_factor
@@ -701,7 +707,13 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         latent_tile = None if tile is None else tile // self.vae_scale_factor
         if latent_tile is not None and max(latents.shape[-2:]) > latent_tile:
-            return tiled_map(decode, latents, latent_tile, latent_tile // 4, scale=self.vae_scale_factor)
+            return tiled_map(
+                decode,
+                latents,
+                tile_size=latent_tile,
+                tile_overlap=latent_tile // 4,
+                scale=self.vae_scale_factor,
+            )
         return decode(latents)
 
     def image_attention_kwargs(self, images: list[RGBImage], device, dtype, do_cfg: bool) -> dict:
@@ -755,27 +767,11 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         )[0]
 
     def _predict_noise_tiled(self, latent_in, t, cond, unet_embeds, cn_embeds, cn_scale, tile, overlap, image_kwargs):
-        # latent_in: N×C×h×w; tiles of `tile` latent px, Gaussian-blended noise predictions.
-        _, _, h, w = latent_in.shape
-        th, tw = min(tile, h), min(tile, w)
-        f = self.vae_scale_factor
-        weight = gaussian_weights(th, tw, device=latent_in.device, dtype=torch.float32)
-        out = torch.zeros(latent_in.shape, device=latent_in.device, dtype=torch.float32)
-        norm = torch.zeros((h, w), device=latent_in.device, dtype=torch.float32)
-        for y0 in tile_starts(h, th, min(overlap, th - 1)):
-            for x0 in tile_starts(w, tw, min(overlap, tw - 1)):
-                pred = self._predict_noise(
-                    latent_in[:, :, y0 : y0 + th, x0 : x0 + tw],
-                    t,
-                    cond[:, :, y0 * f : (y0 + th) * f, x0 * f : (x0 + tw) * f],
-                    unet_embeds,
-                    cn_embeds,
-                    cn_scale,
-                    image_kwargs,
-                )
-                out[:, :, y0 : y0 + th, x0 : x0 + tw] += pred.float() * weight
-                norm[y0 : y0 + th, x0 : x0 + tw] += weight
-        return (out / norm).to(latent_in.dtype)
+        # latent_in: N×C×h×w in tiles of `tile` latent px (the pixel-space `cond` cropped to match), Gaussian-blended.
+        def predict(latent_tile: torch.Tensor, cond_tile: torch.Tensor) -> torch.Tensor:
+            return self._predict_noise(latent_tile, t, cond_tile, unet_embeds, cn_embeds, cn_scale, image_kwargs)
+
+        return tiled_map(predict, latent_in, cond, tile_size=tile, tile_overlap=overlap)
 
     def _postprocess(self, sr: torch.Tensor, images: list[RGBImage], output_type: str):
         # sr: B×3×H×W in [0, 1] → "pt" as is, "np" B×H×W×3, "pil" with each input's alpha resized and reattached.

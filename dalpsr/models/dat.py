@@ -13,8 +13,8 @@ checkpoints (`{"params": ...}`) load strictly into `DAT`. What differs from the 
   on every forward.
 - `forward` takes an optional `pre_group` hook that may rewrite the token sequence before each residual
   group: the extension point for degradation-feature fusion (see `DAT.forward_features`).
-- `tiled_forward` / `DAT.super_resolve` run large inputs in overlapping tiles with linear blending,
-  optionally under fp16/bf16 autocast.
+- `tiled_forward` / `DAT.super_resolve` run large inputs in overlapping tiles with linear blending (the
+  shared engine `dalpsr.tiling.tiled_map`), optionally under fp16/bf16 autocast.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
+
+from dalpsr.tiling import tiled_map
 
 PreGroupHook = Callable[[int, Tensor, tuple[int, int]], Tensor]
 """`hook(group_index, tokens, (height, width)) -> tokens`, tokens of shape (B, H*W, C)."""
@@ -712,32 +714,6 @@ class DAT(ModelMixin, ConfigMixin):
         )
 
 
-def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    return list(range(0, size - tile, stride)) + [size - tile]
-
-
-def _tile_weights(starts: list[int], index: int, tile: int, overlap: int, scale: int) -> Tensor:
-    """1-D blending weights (tile*scale,) of one tile. Each seam is blended over the `overlap` pixels that
-    end where the earlier tile ends: its outer quarters get weight 0 (the tile borders, where padding
-    artefacts live), its middle half a linear cross-fade; the two tiles' weights sum to 1 everywhere."""
-    length = tile * scale
-    margin, ramp = (overlap // 4) * scale, (overlap - 2 * (overlap // 4)) * scale
-    pos = torch.arange(length, dtype=torch.float64)
-
-    def rise(seam_end: int) -> Tensor:  # 0 -> 1 over the seam ending at output position `seam_end`
-        seam_start = seam_end - overlap * scale
-        return ((pos - seam_start - margin + 0.5) / ramp).clamp(0, 1)
-
-    weight = torch.ones(length, dtype=torch.float64)
-    if overlap and index > 0:
-        weight = weight * rise((starts[index - 1] + tile - starts[index]) * scale)
-    if overlap and index + 1 < len(starts):
-        weight = weight * (1 - rise(length))
-    return weight.float()
-
-
 @torch.no_grad()
 def tiled_forward(
     fn: Callable[[Tensor], Tensor],
@@ -747,7 +723,8 @@ def tiled_forward(
     tile_overlap: int = 16,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Run an SR model over overlapping tiles and blend them with linear cross-fades.
+    """Run an SR model over overlapping tiles and blend them with linear cross-fades (`dalpsr.tiling.tiled_map`,
+    blend "linear").
 
     Args:
         fn: model or closure mapping (B, C, h, w) -> (B, C, h*scale, w*scale).
@@ -769,34 +746,15 @@ def tiled_forward(
         )
     if dtype not in (None, torch.float16, torch.bfloat16):
         raise ValueError(f"`dtype` must be None, torch.float16 or torch.bfloat16, got {dtype!r}.")
-    if tile_size is not None and tile_size < 1:
-        raise ValueError(f"`tile_size` must be a positive int or None, got {tile_size!r}.")
-    if tile_size is not None and not 0 <= tile_overlap <= tile_size // 2:
-        raise ValueError(f"`tile_overlap` must be in [0, tile_size // 2={tile_size // 2}], got {tile_overlap!r}.")
 
     def run(x: Tensor) -> Tensor:
         context = torch.autocast(image.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with context:
             return fn(x).to(image.dtype)
 
-    b, c, h, w = image.shape
-    if tile_size is None or (h <= tile_size and w <= tile_size):
+    if tile_size is None:
         return run(image)
-    stride = tile_size - tile_overlap
-    th, tw = min(tile_size, h), min(tile_size, w)
-    ys, xs = _tile_starts(h, tile_size, stride), _tile_starts(w, tile_size, stride)
-    out = image.new_zeros(b, c, h * scale, w * scale)
-    total = image.new_zeros(1, 1, h * scale, w * scale)
-    for iy, y in enumerate(ys):
-        wy = _tile_weights(ys, iy, th, tile_overlap if len(ys) > 1 else 0, scale)
-        for ix, x in enumerate(xs):
-            wx = _tile_weights(xs, ix, tw, tile_overlap if len(xs) > 1 else 0, scale)
-            weight = (wy[:, None] * wx[None, :]).to(image)
-            tile = run(image[:, :, y : y + th, x : x + tw])
-            rows, cols = slice(y * scale, (y + th) * scale), slice(x * scale, (x + tw) * scale)
-            out[:, :, rows, cols] += tile * weight
-            total[:, :, rows, cols] += weight
-    return out / total
+    return tiled_map(run, image, tile_size=tile_size, tile_overlap=tile_overlap, scale=scale, blend="linear")
 
 
 __all__ = ["DAT", "DAT_PRESETS", "PreGroupHook", "pad_to_window", "shift_window_mask", "tiled_forward"]
