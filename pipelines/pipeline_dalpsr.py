@@ -5,8 +5,8 @@ LR branch is a ControlNet made from the SD2 UNet that sees the bicubic-upsampled
 prompt (the caller's text or an MLLM caption) drives the ControlNet's cross-attention and the degradation
 prompt plus quality words drive the UNet's ("split" routing); "shared" gives the joined text to both.
 Differences from the papers' code: any diffusers scheduler, latent tiling with Gaussian blending in the
-denoising loop, tiled VAE, exact `upscale ×` output size for any input size (pad, then crop), and every
-prompt is an argument the caller can override.
+denoising loop, tiled VAE with GroupNorm statistics estimated for the whole image, exact `upscale ×` output
+size for any input size (pad, then crop), and every prompt is an argument the caller can override.
 """
 
 from __future__ import annotations
@@ -693,6 +693,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 tile_size=tile,
                 tile_overlap=tile // 4,
                 scale=1 / self.vae_scale_factor,
+                group_norm_sync=self.vae,
             )
         else:
             latents = encode(x)
@@ -713,6 +714,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 tile_size=latent_tile,
                 tile_overlap=latent_tile // 4,
                 scale=self.vae_scale_factor,
+                group_norm_sync=self.vae,
             )
         return decode(latents)
 
@@ -874,7 +876,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             tile_size: latent tiling size in output pixels; None tiles automatically above the UNet's native
                 resolution (512 px for SD2-base). A value smaller than the image forces tiling.
             tile_overlap: overlap between tiles in output pixels (default: tile_size // 4).
-            vae_tile_size: VAE tile size in output pixels (default: the native resolution).
+            vae_tile_size: VAE tile size in output pixels (default: the native resolution); the tiles share
+                GroupNorm statistics estimated for the whole image (`dalpsr.tiling.tiled_map`).
             generator: a torch.Generator or one per image, for reproducible sampling.
             latents: initial noise latents B×C×h×w (used instead of sampling; with `start_strength < 1` as the noise).
             prompt_embeds: B×77×D embeddings for the UNet's cross-attention (e.g. from `encode_prompt`), used instead
