@@ -168,13 +168,14 @@ class ShardProgress:
 
     Each process adds what it finished to a counter in the process group's key-value store (no collective call,
     so ranks never wait for each other per item); `close` waits for every process while the bar keeps moving.
-    Use it as a context manager; every process must open and close it (the same number of times).
+    Use it as a context manager; every process must open and close it (the same number of times). `done`: the
+    global count on the main process, this process's own elsewhere.
     """
 
     def __init__(self, shard: Shard, total: int, desc: str, unit: str = "img", enabled: bool = True) -> None:
         from tqdm.auto import tqdm
 
-        self.shard, self.total = shard, total
+        self.shard, self.total, self.done = shard, total, 0
         self.key = f"dalpsr/progress/{next(_progress_ids)}"
         self.store = None
         if shard.count > 1:
@@ -191,10 +192,13 @@ class ShardProgress:
 
     def _refresh(self) -> None:
         done = int(self.store.add(self.key, 0))
-        if done != self.bar.n:
-            self.bar.update(done - self.bar.n)
+        if done > self.done:
+            self.bar.update(done - self.done)
+            self.done = done
 
     def update(self, n: int = 1) -> None:
+        if self.store is None or not self.shard.is_main:
+            self.done += n
         if self.store is None:
             self.bar.update(n)
             return

@@ -18,9 +18,9 @@ from PIL import Image
 from dalpsr.batch import Shard, merge_logs, plan_jobs, rank_log_path, run_jobs
 
 
-def _images(folder: Path, sizes: list[tuple[int, int]], broken: bool = False) -> Path:
+def _images(folder: Path, sizes: list[tuple[int, int]], broken: bool = False, seed: int = 0) -> Path:
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i, (h, w) in enumerate(sizes):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(folder / f"im{i}.png")
     if broken:
@@ -138,6 +138,35 @@ def run_dalpsr(num_processes: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+PROGRESS_SCRIPT = """
+import time
+from dalpsr.batch import Shard, ShardProgress
+shard = Shard.current()
+seen = []
+with ShardProgress(shard, 7, "test", enabled=True) as progress:
+    for i in shard.take(list(range(7))):
+        time.sleep(0.05 * (1 + shard.index))  # rank 1 is slower: the main process waits and keeps counting
+        progress.update()
+        seen.append(progress.done)
+print(f"rank {shard.index} of {shard.count}: done {progress.done} after {seen}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_one_bar_counts_the_items_of_every_process(tmp_path):
+    script = tmp_path / "progress.py"
+    script.write_text(PROGRESS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(script)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert lines[0].startswith("rank 0 of 2: done 7 after"), lines  # the global count, rank 1's items included
+    assert lines[1] == "rank 1 of 2: done 3 after [1, 2, 3]", lines  # its own items
+
+
 def _same_runs(tmp_path: Path, engine_args: list[str], n_images: int) -> None:
     """1 process, then 2 processes resuming after a killed rank: equal bytes, equal logs, one report per bad file."""
     inputs = _images(tmp_path / "in", [(24, 24), (24, 20), (20, 24), (24, 22)][:n_images], broken=True)
@@ -173,3 +202,42 @@ def test_two_processes_write_what_one_writes_dat(tmp_path):
 @pytest.mark.slow
 def test_two_processes_write_what_one_writes_diffusion(tmp_path):
     _same_runs(tmp_path, ["--random-weights-for-testing", "--steps", "2", "--upscale", "2"], n_images=3)
+
+
+@pytest.mark.slow
+def test_two_processes_score_what_one_scores_eval(tmp_path):
+    sizes = [(16, 16), (16, 12), (12, 16), (16, 14), (14, 16)]
+    pred, gt = _images(tmp_path / "pred", sizes, broken=True), _images(tmp_path / "gt", sizes, seed=1)
+    (gt / "broken.png").write_bytes((gt / "im0.png").read_bytes())
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"scores{n}"
+        done = run_dalpsr(n, "eval", "--pred", str(pred), "--gt", str(gt), "--metrics", "psnr", "ssim",
+                          "--out", str(outs[n]), "--no-progress")  # fmt: skip
+        assert done.returncode != 0, "the unreadable prediction is reported"
+        assert [line for line in done.stderr.splitlines() if line.startswith("skipped broken")], done.stderr
+        assert len([line for line in done.stderr.splitlines() if "broken" in line]) == 1, done.stderr
+        assert done.stdout.count("| pred |") == 1, done.stdout
+    for name in ("per_image.csv", "summary.json", "table.md"):
+        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_two_processes_caption_what_one_captions(tmp_path):
+    from dalpsr.captioning import load_captions
+    from dalpsr.testing import get_dummy_llava
+
+    model, processor = get_dummy_llava(seed=0)
+    model.save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    images = _images(tmp_path / "in", [(16, 16), (16, 12), (12, 16), (16, 14)], broken=True)
+    captions = {}
+    for n in (1, 2):
+        out = tmp_path / f"captions{n}.jsonl"
+        done = run_dalpsr(n, "caption", str(images), "--out", str(out), "--model", str(tmp_path / "llava"),
+                          "--batch-size", "1", "--max-new-tokens", "6", "--local-files-only")  # fmt: skip
+        assert done.returncode != 0, "the unreadable image is reported"
+        assert len([line for line in done.stderr.splitlines() if "broken.png" in line]) == 1, done.stderr
+        assert done.stdout.count("4 captioned, 0 already") == 1, done.stdout
+        captions[n] = load_captions(out)
+    assert captions[1] == captions[2] and len(captions[1]) == 4
