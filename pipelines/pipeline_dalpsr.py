@@ -104,7 +104,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         scheduler: any diffusers scheduler.
         degradation_encoder: optional CLIP degradation encoder (the shared feature stack).
         prompt_decoder: optional restoration prompt decoder that writes the degradation prompt.
-        restorer: optional regression SR model (DAT) for two-stage restoration.
+        restorer: optional regression SR model for two-stage restoration: a `DATRestorer` (its fusion blocks use
+            the degradation features) or a `SpandrelRestorer` (any network spandrel loads, e.g. Real-ESRGAN).
         captioner: optional MLLM captioner; not saved by `save_pretrained` (it is a transformers model with its
             own processor; pass it again after loading).
         image_encoder: optional image encoder for SeeSR-style image cross-attention (e.g. `RAMImageEncoder`):
@@ -580,7 +581,9 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                     f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}."
                 )
         if pre_restore and self.restorer is None:
-            raise ValueError("`pre_restore=True` needs a `restorer` component (e.g. a DATRestorer); got None.")
+            raise ValueError(
+                "`pre_restore=True` needs a `restorer` component (a DATRestorer or SpandrelRestorer); got None."
+            )
         bad = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from dalpsr.batch import Shard, merge_logs, plan_jobs, run_jobs
+from dalpsr.models.fusion import DATRestorer
 from dalpsr.pipelines.engines import (
     DiffusionEngine,
     RestorerEngine,
@@ -42,16 +43,20 @@ def add_commands(subparsers) -> None:
         help="use tiny random components (checks an installation; the output is noise)",
     )
     src.add_argument(
-        "--dat-model",
         "--restorer",
-        dest="dat_model",
-        help="with --engine dat: train_dat.py output, a DATRestorer/DAT folder or an official DAT checkpoint",
+        help="the restorer of --engine restorer / dat. restorer: an SR checkpoint spandrel detects (.pth / "
+        ".safetensors: Real-ESRGAN, SwinIR, HAT, DAT, ...) or a SpandrelRestorer folder (dalpsr convert-ncnn); "
+        "default $DALPSR_RESTORER, then a converted Real-ESRGAN x4plus in the dalpsr cache. dat: train_dat.py "
+        "output, a DATRestorer/DAT folder or an official DAT checkpoint; default $DALPSR_DAT_MODEL, then the "
+        "shipped weights/degradation_tiny",
     )
+    src.add_argument("--dat-model", dest="restorer", help="the same as --restorer (older name, for --engine dat)")
     p.add_argument(
         "--engine",
-        choices=["diffusion", "dat"],
+        choices=["diffusion", "dat", "restorer"],
         default="diffusion",
-        help="diffusion: the DaLPSR pipeline; dat: the DAT regression restorer alone (no diffusion weights)",
+        help="diffusion: the DaLPSR pipeline; dat: our DAT regression restorer alone (no diffusion weights); "
+        "restorer: any regression SR network spandrel loads, e.g. Real-ESRGAN (no diffusion weights)",
     )
     p.add_argument("--upscale", type=float, default=4)
     p.add_argument("--steps", type=int, default=50)
@@ -107,9 +112,16 @@ def build_engine(args, shard: Shard | None = None):
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
     )
-    if args.engine == "dat":
-        settings.model = resolve_restorer_source(args.dat_model)
-        engine = RestorerEngine(settings.model, args.upscale, device, args.dtype, args.tile_size, args.tile_overlap)
+    if args.engine in ("dat", "restorer"):
+        settings.model = resolve_restorer_source(args.restorer, args.engine)
+        engine = RestorerEngine(
+            settings.model, args.upscale, device, args.dtype, args.tile_size, args.tile_overlap, name=args.engine
+        )
+        if args.engine == "dat" and not isinstance(engine.model, DATRestorer):
+            raise ValueError(
+                f"`--engine dat` runs DAT restorers; {settings.model} is a {engine.settings.get('architecture')} "
+                "network: use `--engine restorer`."
+            )
         settings.device, settings.restorer = str(engine.device), engine.settings
         return engine, settings
     kind, settings.model = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
