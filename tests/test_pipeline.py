@@ -634,8 +634,8 @@ def test_lora_scale_applies_to_unet_controlnet_and_text_encoder(tmp_path):
         for scale in (0.0, 0.5, 1.0):
             out = pipe(lr, cross_attention_kwargs={"scale": scale}, generator=gen(), output_type="pt", **FAST).images
             effect[scale] = (out - base).abs().max().item()
-        # Measured with UNet + ControlNet LoRAs: 0 / 6.2e-2 / 1.1e-1 (before the fix, scale 0 gave 4.3e-2: the
-        # ControlNet's LoRA ignored the scale).
+        # Measured with UNet + ControlNet LoRAs: 0 / 6.2e-2 / 1.1e-1; before the fix the ControlNet LoRA alone
+        # gave 4.3e-2 at scale 0 (the ControlNet ignored the scale).
         assert effect[0.0] <= 1e-6, (only, effect)
         assert 1e-4 < effect[0.5] < effect[1.0], (only, effect)
         # The scale is undone after the call: no kwargs is scale 1.
