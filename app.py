@@ -247,7 +247,7 @@ def upscale(
     if engine not in engines.names:
         raise ValueError(f"`engine` must be one of {engines.names}; got {engine!r}.")
     degradation_prompt = _check_degradation_prompt(degradation_prompt)
-    report = progress or (lambda *a, **k: None)
+    report = progress if progress is not None else (lambda *a, **k: None)  # gr.Progress() is falsy
     loaded = load_image(path)
     used: dict = {"engine": engine}
     if engine == "diffusion":

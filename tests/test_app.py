@@ -168,3 +168,29 @@ def test_server_binds_locally_queues_and_rejects_uploads_over_the_limit(random_e
         assert _upload(demo.local_url, 50_000) == 413
     finally:
         demo.close()
+
+
+def test_step_progress_reaches_the_client(random_engines, tmp_path, monkeypatch):
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    path = tmp_path / "small.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(path)
+    limits = app.DemoLimits()
+    demo = app.build_demo(random_engines, limits)
+    app.launch(demo, limits, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        job = client.submit(
+            handle_file(str(path)), "", "", "diffusion", 2, 3, 1.0, 1.0, "none", 0, 0, api_name="/on_run"
+        )
+        seen = []
+        while not job.done():
+            for p in getattr(job.status(), "progress_data", None) or []:
+                if p.desc not in seen:
+                    seen.append(p.desc)
+        _, _, used = job.result(timeout=60)
+        assert used["size_wh"] == [16, 16] and used["steps"] == 3
+    finally:
+        demo.close()
+    assert "denoising step 3/3" in seen, seen
