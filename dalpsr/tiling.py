@@ -124,7 +124,7 @@ class _GroupNormSync:
     def __init__(self, module: nn.Module):
         self.norms = [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
         self.stats: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-        self.sums: dict[tuple[int, int], list] | None = None
+        self.sums: dict[tuple[int, int], tuple[int, Tensor, Tensor]] | None = None
         self.calls: list[int] = []
         self.region: tuple[int, int, tuple[float, float], tuple[float, float]] | None = None
 

@@ -1028,17 +1028,17 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 lora_scale=lora_scale,
                 clip_skip=clip_skip,
             )
+            # "shared" with only `prompt_embeds`: the ControlNet gets them too.
+            shared_embeds = text_routing == "shared" and prompt_embeds is not None and controlnet_prompt_embeds is None
             if controlnet_prompt_embeds is not None:
                 cn_embeds = controlnet_prompt_embeds[idx]
-            elif (text_routing == "shared" and prompt_embeds is not None) or (
-                prompt_embeds is None and cn_texts == unet_texts
-            ):
+            elif shared_embeds or (prompt_embeds is None and cn_texts == unet_texts):
                 cn_embeds = unet_embeds
             else:
                 cn_embeds = self.encode_prompt(cn_texts, device, lora_scale=lora_scale, clip_skip=clip_skip)[0]
             if prompt_embeds is not None:
                 unet_texts = [None] * len(idx)
-            if controlnet_prompt_embeds is not None or (text_routing == "shared" and prompt_embeds is not None):
+            if controlnet_prompt_embeds is not None or shared_embeds:
                 cn_texts = [None] * len(idx)
             unet_embeds, cn_embeds = unet_embeds.to(device, dtype), cn_embeds.to(device, dtype)
             if do_cfg:
