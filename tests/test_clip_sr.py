@@ -164,3 +164,26 @@ def test_embed_prompts_with_the_text_tower():
         torch.testing.assert_close(emb[1], encoder.encode_text(["Denoise with sigma 0.25~0.50"])[0])
     with pytest.raises(TypeError, match="`prompts`"):
         embed_prompts(encoder, "text")
+
+
+def test_dat_restorer_tif_fusion_reproduces_dat_then_follows_text():
+    from dalpsr.models.dat import DAT
+    from dalpsr.models.fusion import DATRestorer
+    from dalpsr.testing import TINY_DAT_CONFIG
+
+    torch.manual_seed(0)
+    dat = DAT(**{**TINY_DAT_CONFIG, "upscale": 2}).eval()
+    restorer = DATRestorer.from_dat(dat, context_dim=16, fusion="tif").eval()
+    assert restorer.needs_features and sorted(restorer.fusion_blocks) == ["0", "1"]
+    lr = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = dat(lr)
+        for text in (torch.randn(2, 16), torch.randn(1, 16)):
+            torch.testing.assert_close(restorer(lr, text), reference, rtol=0, atol=0)
+        perturb(restorer.fusion_blocks)
+        a, b = restorer(lr, torch.randn(2, 16)), restorer(lr, torch.randn(2, 16))
+    assert (a - b).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="`features`"):
+        restorer(lr, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="`feature_source`"):
+        DATRestorer(dat_config=TINY_DAT_CONFIG, context_dim=16, fusion="tif", feature_source="lpe")

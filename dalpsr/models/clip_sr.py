@@ -115,6 +115,30 @@ class TIFBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+class ResidualTIFBlock(nn.Module):
+    """A TIFBlock as a residual branch on a backbone's features: x + fusion(conv(fusion(conv(x)))), whose second
+    conv starts at zero, so a fresh block is the identity (used as `DATRestorer(fusion="tif")`).
+
+    Args:
+        channels: feature width.
+        text_dim: size of the sentence embedding.
+    """
+
+    def __init__(self, channels: int, text_dim: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.fuse1 = TextAffine(text_dim, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.fuse2 = TextAffine(text_dim, channels)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: Tensor, text: Tensor) -> Tensor:
+        # x: B×C×H×W, text: B×D
+        h = F.leaky_relu(self.fuse1(self.conv1(x), text), 0.2)
+        return x + self.fuse2(self.conv2(h), text)
+
+
 @dataclass
 class PromptPrediction(BaseOutput):
     """`PromptPredictor.predict` output for B images.
@@ -351,6 +375,7 @@ __all__ = [
     "CLIPSROutput",
     "PromptPrediction",
     "PromptPredictor",
+    "ResidualTIFBlock",
     "TIFBlock",
     "TextAffine",
     "TextFusion",

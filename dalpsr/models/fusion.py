@@ -22,6 +22,10 @@ What differs:
 - The DAT is `dalpsr.models.dat.DAT` under `dat.` (official key names), driven through its `pre_group`
   hook; attention uses `F.scaled_dot_product_attention`; separate q/k/v projections.
 - Tiled inference computes the conditioning once on the whole image and reuses it for every tile.
+
+`fusion="tif"` puts CLIP-SR's text-image fusion block instead (`dalpsr.models.clip_sr.ResidualTIFBlock`, zero-
+initialised): the conditioning is then a B×D sentence embedding of a prompt from the shared text tower
+(`dalpsr.models.clip_sr.embed_prompts`), so text and degradation features can steer the same backbone.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from dalpsr.models.cdsr import DQABlock, embedding_compressor
+from dalpsr.models.clip_sr import ResidualTIFBlock
 from dalpsr.models.dat import DAT, PreGroupHook, _DropPath, pad_to_window, tiled_forward
 from dalpsr.models.degradation_encoder import DegradationEncoder, DegradationFeatures
 
 logger = logging.getLogger(__name__)
 
-FUSION_TYPES = ("srclip", "dqa", None)
+FUSION_TYPES = ("srclip", "dqa", "tif", None)
 FEATURE_SOURCES = ("clip", "lpe")
 _DAT_ARGS = tuple(n for n in inspect.signature(DAT.__init__).parameters if n != "self")
 
@@ -180,8 +185,9 @@ class DATRestorer(ModelMixin, ConfigMixin):
         fusion_drop_path_rate: stochastic depth of the fusion blocks.
         normalize_features: L2-normalise the content embedding and degradation tokens first (as RealDAT).
         fusion: "srclip" (the fusion blocks above), "dqa" (CDSR's Domain Query Attention blocks,
-            `dalpsr.models.cdsr.DQABlock`, zero-initialised) or None (no fusion: plain DAT, whatever
-            `fusion_layers` says).
+            `dalpsr.models.cdsr.DQABlock`, zero-initialised), "tif" (CLIP-SR text-image fusion blocks fed by a
+            B×D prompt embedding, `dalpsr.models.clip_sr.ResidualTIFBlock`, zero-initialised) or None (no fusion:
+            plain DAT, whatever `fusion_layers` says).
         feature_source: what feeds the fusion: "clip" (a `DegradationFeatures` of the shared `DegradationEncoder`;
             for "dqa" its L2-normalised content and degradation embeddings concatenated, 2·D wide) or "lpe" (the
             B×D embedding of a `dalpsr.models.cdsr.LightweightPatchEncoder`; "dqa" only).
@@ -252,6 +258,14 @@ class DATRestorer(ModelMixin, ConfigMixin):
                 f"embed_dim*fusion_attn_ratio={inner}."
             )
         self.fusion_groups = sorted(layers)
+        if fusion == "tif":
+            if feature_source != "clip":
+                raise ValueError(
+                    f"`feature_source` must be 'clip' (the text tower) for fusion='tif'; got {feature_source!r}."
+                )
+            self.feature_proj = self.dqa_compress = None
+            self.fusion_blocks = nn.ModuleDict({str(i): ResidualTIFBlock(dim, context_dim) for i in layers})
+            return
         if fusion == "dqa":
             self.feature_proj = None
             self.dqa_compress = None
@@ -421,7 +435,7 @@ class DATRestorer(ModelMixin, ConfigMixin):
         return embedding
 
     def _fusion_hook(self, *cond: Tensor) -> PreGroupHook:
-        if self.config.fusion == "dqa":
+        if self.config.fusion in ("dqa", "tif"):
             (embedding,) = cond
 
             def dqa_hook(group: int, tokens: Tensor, size: tuple[int, int]) -> Tensor:
@@ -449,6 +463,16 @@ class DATRestorer(ModelMixin, ConfigMixin):
     ) -> tuple[Tensor, ...] | None:
         if not self.needs_features:
             return None
+        if self.config.fusion == "tif":
+            d = self.config.context_dim
+            if not isinstance(features, Tensor) or features.ndim != 2 or features.shape[1] != d:
+                got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+                raise ValueError(
+                    f"`features` must be prompt embeddings B×{d} (context_dim) for fusion='tif' "
+                    f"(dalpsr.models.clip_sr.embed_prompts); got {got}."
+                )
+            weight = self.fusion_blocks[str(self.fusion_groups[0])].conv1.weight
+            return (features.to(weight.device, weight.dtype).expand(lr.shape[0], -1),)
         if features is None:
             if encoder is None:
                 raise ValueError(
