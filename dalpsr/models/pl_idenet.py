@@ -479,9 +479,9 @@ class PLIDENet(ModelMixin, ConfigMixin):
             {"sigma", "sigma_major", "sigma_minor", "angle_deg" (see `kernel_moments`), "scale", "kernel" (k×k
             tensor)}. The kernel acts at ×`scale` resolution: σ is in pixels of the image upscaled by `scale`.
         """
-        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3:
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or min(image.shape[-2:]) < 8:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"`image` must be a 3×h×w tensor; got {shape}.")
+            raise ValueError(f"`image` must be a 3×h×w tensor with h, w >= 8; got {shape}.")
         p = next(self.parameters())
         kernel = self.estimate_kernel(image[None].to(p.device, p.dtype))[0].float().cpu()
         return {**kernel_moments(kernel), "scale": self.config.scale, "kernel": kernel}
