@@ -2,7 +2,7 @@
 
 Alpha policy: colour channels are processed as stored (not premultiplied); the alpha channel is kept
 apart, resized with bicubic interpolation to the output size and reattached to PIL outputs, so an
-RGBA/LA input gives an RGBA output. Palette images with transparency count as RGBA.
+RGBA input gives an RGBA output (an LA input LA, see below). Palette images with transparency count as RGBA.
 
 Gray policy: a one-channel input (L, 1, I;16, I, F, LA; a 2-D or one-channel array or tensor) is processed as RGB and
 `RGBImage.mode` records "L" (or "LA"), so a PIL output can be converted back (L in, L out).

@@ -71,7 +71,7 @@ def test_pil_modes_and_alpha_policy(pipe):
     for mode, img in images.items():
         out = pipe(img, upscale=2, generator=gen(), **FAST).images[0]
         assert out.size == (22, 18), mode
-        assert out.mode == ("RGBA" if mode in ("RGBA", "LA") else "RGB"), mode
+        assert out.mode == {"RGBA": "RGBA", "LA": "LA", "L": "L", "I;16": "L"}.get(mode, "RGB"), mode  # gray stays gray
     # The alpha channel is the bicubic upscale of the input alpha, not the diffusion output.
     out = pipe(rgba, upscale=2, generator=gen(), **FAST).images[0]
     a = np.asarray(out.getchannel("A"), dtype=np.float32)
