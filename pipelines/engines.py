@@ -329,7 +329,8 @@ def choose_restorer(restorer: str | None = None, log=print, why: str = "no diffu
         except WeightsNotFoundError:
             restorer = cached_realesrgan(log)
     if restorer:
-        return EngineChoice("restorer", restorer, None, f"engine: restorer ({restorer}; {why}); {DIFFUSION_HINT}")
+        what = f"Real-ESRGAN x4plus, {restorer}" if Path(restorer).name == REALESRGAN_X4PLUS else restorer
+        return EngineChoice("restorer", restorer, None, f"engine: restorer ({what}; {why}); {DIFFUSION_HINT}")
     source = resolve_restorer_source(None, "dat")
     return EngineChoice(
         "dat",
