@@ -294,7 +294,7 @@ def upscale(
     else:
         report(0.0, desc=f"restoring with {engine}")
         out, _ = engines.restorers[engine](Job(Path(path), Path(path), Path(path).name))
-        used["degradation_prompt"] = f"not used: the {engine} restorer reads the degradation features itself"
+        used["degradation_prompt"] = f"not used: the {engine} engine takes no prompts"
     used["size_wh"] = [out.width, out.height]
     out_dir = out_dir or Path(tempfile.gettempdir()) / "dalpsr_app"
     out_dir.mkdir(parents=True, exist_ok=True)
