@@ -251,6 +251,17 @@ def merge_logs(log_path: Path) -> None:
         path.unlink()
 
 
+def _open_log(path: Path):
+    """`path` opened for appending lines; a line a killed process cut short is ended first."""
+    log = open(path, "a", encoding="utf-8")
+    if log.tell():
+        with open(path, "rb") as tail:
+            tail.seek(-1, 2)
+            if tail.read(1) != b"\n":
+                log.write("\n")
+    return log
+
+
 def run_jobs(
     jobs: list[Job],
     process: Callable[[Job], tuple[object, dict]],
@@ -276,7 +287,7 @@ def run_jobs(
     shard.barrier()  # every process has planned before any output appears
     with (
         ShardProgress(shard, len(jobs), desc) as bar,
-        open(rank_log_path(log_path, shard.index), "a", encoding="utf-8") as log,
+        _open_log(rank_log_path(log_path, shard.index)) as log,
     ):
         for job in mine:
             try:

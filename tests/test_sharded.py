@@ -76,6 +76,8 @@ def test_killed_run_resumes_and_the_merged_log_is_sorted_by_key(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_jobs(plan_jobs([inputs], out).todo, killed_on_third, log)
     assert not log.exists() and len(_records(rank_log_path(log, 0))) == 2
+    with open(rank_log_path(log, 0), "a") as f:
+        f.write('{"key": "im2.png", "outp')  # killed while writing a line
     # a killed rank 1 of an earlier 2-process run left one output and its record
     plan = plan_jobs([inputs], out)
     stale = plan.todo[-1]
