@@ -184,12 +184,22 @@ def main() -> None:
             means = result.methods[name].means
             s_per_image = float(np.mean(list(seconds[name].values())))
             rows.append({"method": name, "n": len(result.stems), **means, "seconds_per_image": s_per_image})
+        for name in [n for n in folders if n.startswith("stage 1: ")]:  # stage 1 vs the same restorer as engine
+            engine_dir, diffs = folders[name.removeprefix("stage 1: ")], []
+            for f in sorted(folders[name].glob("*.png")):
+                a, b = (np.asarray(Image.open(d / f.name)).astype(np.int16) for d in (folders[name], engine_dir))
+                diffs.append(int(np.abs(a - b).max()))
+            row = next(r for r in rows if r["method"] == name)
+            row["max_abs_diff_to_engine_255"] = max(diffs) if diffs else None
         summary["datasets"][ds] = rows
         lines += [f"\n**{ds}** (×4, LR 128², n = {len(files)})\n", "| method | n | PSNR↑ | SSIM↑ | NIQE↓ | s / image |"]
-        lines.append("| --- | --- | --- | --- | --- | --- |")
+        lines[-1] += " max \\|stage 1 − engine\\| |"
+        lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             cells = [format_value(m, r.get(m)) for m in METRICS]
-            lines.append(f"| {r['method']} | {r['n']} | {' | '.join(cells)} | {r['seconds_per_image']:.2f} |")
+            diff = r.get("max_abs_diff_to_engine_255")
+            tail = "" if diff is None else f"{diff}/255"
+            lines.append(f"| {r['method']} | {r['n']} | {' | '.join(cells)} | {r['seconds_per_image']:.2f} | {tail} |")
         grid_dir = out / "grids"
         grid_dir.mkdir(parents=True, exist_ok=True)
         for f in files[:2]:

