@@ -291,9 +291,8 @@ def test_tiled_dat_close_to_untiled():
 
 def test_bf16_autocast_on_cpu():
     ours, _, _ = pair("dat_light", 2, seed=10)
-    x = image(16, 20)
-    with torch.no_grad():
-        full = ours(x)
+    x = image(16, 20)  # below the attention window: both runs go through the same window padding
+    full = ours.super_resolve(x)
     low = ours.super_resolve(x, dtype=torch.bfloat16)
     assert low.dtype == torch.float32 and low.shape == full.shape
     diff = (low - full).abs()  # measured: mean 3.5e-4, max 2.3e-3
