@@ -13,6 +13,11 @@ the swapped-features test (`dalpsr.evaluation.feature_use`). The shipped restore
 scored beside them. Writes `results.json` and `table.md` into `--work_dir` and prints the table.
 
     OMP_NUM_THREADS=1 python benchmarks/fusion_experiment.py --work_dir /tmp/fusion_exp
+
+The run reported in issue 15 (2-core machine shared with other jobs, about an hour):
+`--arms acdbe --steps 40 --batch 2 --hr_size 128 --real_n 4 --heldout_photos 2` with the LPE of an earlier
+`--lpe_steps 150 --lpe_batch 8` (HR 256) run copied into the work folder. Arms are trained first, then the
+references (bicubic, plain dat_light_x4, the shipped restorer) are scored.
 """
 
 from __future__ import annotations
@@ -303,7 +308,7 @@ def main() -> None:
         "plain": ROOT / "weights" / "dat_light_x4",
         "shipped": ROOT / "weights" / "degradation_tiny",
     }
-    for key in [*refs, *args.arms]:
+    for key in [*args.arms, *refs]:
         if key in results and "scores" in results[key]:
             continue
         entry = {}
