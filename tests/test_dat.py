@@ -295,7 +295,7 @@ def test_bf16_autocast_on_cpu():
     full = ours.super_resolve(x)
     low = ours.super_resolve(x, dtype=torch.bfloat16)
     assert low.dtype == torch.float32 and low.shape == full.shape
-    diff = (low - full).abs()  # measured: mean 3.5e-4, max 2.3e-3
+    diff = (low - full).abs()  # measured: mean 3.6e-4, max 2.3e-3
     assert diff.mean() < 1.5e-3 and diff.max() < 1e-2
 
 
