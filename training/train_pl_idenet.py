@@ -32,6 +32,7 @@ from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
     add_run_arguments,
+    parse_with_config,
     read_model_config,
     require_positive,
     resume_state,
@@ -79,7 +80,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kernel_loss_weight", type=float, default=1.0, help="weight of the implicit kernel loss")
     p.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
     add_run_arguments(p)
-    args = p.parse_args(input_args)
+    args = parse_with_config(p, input_args)
     require_positive(args, (*COUNT_ARGUMENTS, "validation_size"))
     if args.l1_weight < 0 or args.kernel_loss_weight < 0:
         raise ValueError(
