@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO.parent / "shared" / "data" / "real_lr" / "Real-ESRGAN" / "00017_gray.png"
 
 
+def _say(stage: str, seconds: float) -> None:
+    print(f"  {stage}: {seconds:.2f} s", flush=True)
+
+
 def _timed(fn, repeat: int = 1) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -52,15 +56,19 @@ def bench_dat(image: Path, threads: int) -> dict:
         start = time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **env_threads})
         cli = time.perf_counter() - start
+        _say("dalpsr upscale --engine dat (fresh process)", cli)
         if done.returncode != 0:
             raise SystemExit(f"dalpsr upscale failed:\n{done.stderr}")
         record = json.loads((Path(tmp) / "dalpsr_upscale.jsonl").read_text().splitlines()[0])
     load, engine = _timed(lambda: RestorerEngine(resolve_restorer_source(None), device="cpu"))
+    _say("load the restorer", load)
     lr = load_image(image).rgb[None]
     with torch.no_grad():
         forward, sr = _timed(lambda: engine.model.super_resolve(lr, encoder=engine.encoder))
+    _say("restorer forward, whole photo", forward)
     with tempfile.TemporaryDirectory() as tmp:
         call, _ = _timed(lambda: engine(Job(image, Path(tmp) / "x.png", image.name)))
+    _say("engine call (decode, tiled forward, encode, write)", call)
     out_mp = sr.shape[-1] * sr.shape[-2] / 1e6
     return {
         "engine": "dat",
@@ -83,6 +91,7 @@ def bench_diffusion(image: Path, steps: int, upscale: float) -> dict:
     from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
 
     load, pipe = _timed(lambda: DaLPSRPipeline(**build_sd2_base_components()))
+    _say("build SD2-base with random weights", load)
     spent = {"networks": 0.0}
 
     def wrap(fn):
@@ -136,7 +145,7 @@ def main() -> None:
     if not args.image.is_file():
         raise SystemExit(f"--image {args.image} not found (../shared/data is needed for the default photo)")
     torch.set_num_threads(args.threads)
-    print(f"threads {args.threads}; image {args.image}")
+    print(f"threads {args.threads}; image {args.image}", flush=True)
     for name in args.engines:
         if name == "dat":
             result = bench_dat(args.image, args.threads)
