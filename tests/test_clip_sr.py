@@ -187,3 +187,21 @@ def test_dat_restorer_tif_fusion_reproduces_dat_then_follows_text():
         restorer(lr, torch.randn(2, 8))
     with pytest.raises(ValueError, match="`feature_source`"):
         DATRestorer(dat_config=TINY_DAT_CONFIG, context_dim=16, fusion="tif", feature_source="lpe")
+
+
+def test_shipped_weights_load_with_their_text_tower():
+    from dalpsr.loaders.degradation import load_degradation_models
+    from dalpsr.loaders.manifest import shipped_weights
+
+    folder = shipped_weights("clip_sr_tiny")
+    if not (folder / "config.json").is_file():
+        pytest.skip("weights/clip_sr_tiny is not installed")
+    net = CLIPSR.from_pretrained(folder).eval()
+    encoder = load_degradation_models()[0]
+    assert net.config.scale == 8 and net.config.text_dim == encoder.clip.text_projection.shape[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(net.null_text, encoder.encode_text([""])[0])
+        lr = torch.rand(1, 3, 6, 6)
+        a = net.super_resolve(lr, embed_prompts(encoder, ["Denoise with sigma 0.00~0.25"]))
+        b = net.super_resolve(lr, embed_prompts(encoder, ["Denoise with sigma 0.75~1.00"]))
+    assert a.shape == (1, 3, 48, 48) and (a - b).abs().mean() > 1e-3
