@@ -106,6 +106,14 @@ def test_train_validate_and_resume(train, data, tmp_path):
         torch.testing.assert_close(state[key], other[key], rtol=0, atol=0, msg=key)
     assert json.loads((resumed / "validation" / "step-3.json").read_text())["mean"] == val["mean"]
 
+    # --train_predictor_only from the trained model: the predictor moves, nothing else does
+    only = train.main(
+        args_for(train, data, tmp_path / "only", "--pretrained_model", str(full / "model"), "--train_predictor_only")
+    )
+    after = load_file(only / "model" / "diffusion_pytorch_model.safetensors")
+    for key in state:
+        assert (not torch.equal(after[key], state[key])) == key.startswith("prompt_predictor."), key
+
 
 def test_bad_arguments(train, data, tmp_path):
     with pytest.raises(ValueError, match="`--text_dropout`"):

@@ -90,12 +90,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--text_dropout", type=float, default=0.2, help="probability of training a crop with no text")
     p.add_argument("--predictor_loss_weight", type=float, default=0.1)
+    p.add_argument(
+        "--train_predictor_only",
+        action="store_true",
+        help="optimise only the prompt predictor (e.g. from --pretrained_model); the SR network stays as it is",
+    )
     p.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this wall time")
     add_run_arguments(p)
     args = parse_with_config(p, input_args)
     require_positive(args, (*COUNT_ARGUMENTS, "validation_size"))
     if not 0.0 <= args.text_dropout <= 1.0:
         raise ValueError(f"`--text_dropout` must lie in [0, 1]; got {args.text_dropout}.")
+    if args.train_predictor_only and args.predictor_loss_weight <= 0:
+        raise ValueError("`--train_predictor_only` needs `--predictor_loss_weight` > 0.")
     if args.predictor_loss_weight < 0:
         raise ValueError(f"`--predictor_loss_weight` must be >= 0; got {args.predictor_loss_weight}.")
     return args
@@ -280,8 +287,13 @@ def main(args: argparse.Namespace) -> Path:
             raise ValueError(f"`--validation_data_dir` {args.validation_data_dir} has no usable image.")
         val_items = validation_set(val_paths, args.validation_size, scale, config, args.seed)
 
+    if args.train_predictor_only:
+        if model.prompt_predictor is None:
+            raise ValueError("`--train_predictor_only` needs a model with a prompt predictor (predictor_channels > 0).")
+        model.requires_grad_(False)
+        model.prompt_predictor.requires_grad_(True)
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
@@ -340,9 +352,11 @@ def main(args: argparse.Namespace) -> Path:
                 lr = out.lr.to(hr.device)
                 prompts = ["" if float(torch.rand((), generator=g)) < args.text_dropout else p for p in out.prompts]
                 text = embed_prompts(encoder, prompts, text_cache).to(hr.device)
-                sr = model(lr, text).sample
-                loss_l1 = F.l1_loss(sr.float(), hr)
-                loss = loss_l1
+                if args.train_predictor_only:  # the SR network is frozen: no forward through it
+                    loss_l1 = loss = torch.zeros((), device=hr.device)
+                else:
+                    loss_l1 = F.l1_loss(model(lr, text).sample.float(), hr)
+                    loss = loss_l1
                 loss_pred = torch.zeros(())
                 if net.prompt_predictor is not None and args.predictor_loss_weight > 0:
                     loss_pred = prediction_loss(net.prompt_predictor(lr), out.labels)
