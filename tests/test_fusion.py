@@ -194,7 +194,7 @@ def test_bad_arguments(encoder):
         DATRestorer(dat_config={**TINY_DAT, "window": 8})
     plain = DATRestorer(dat_config=TINY_DAT, fusion_layers=[]).eval()
     assert plain.feature_proj is None and plain(lr).shape == (1, 3, 16, 16)
-    with pytest.raises(ValueError, match="no fusion blocks"):
+    with pytest.raises(ValueError, match="no SRCLIP fusion blocks"):
         plain.project_features(encoder.encode_images(lr))
 
 
