@@ -271,8 +271,74 @@ class RestorerEngine:
         return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
 
 
+# ------------------------------------------------------------------------------------------------ CLIP-SR
+CLIP_SR_SUBFOLDER = "clip_sr_tiny"
+
+
+class ClipSREngine:
+    """CLIP-SR (`dalpsr.models.clip_sr.CLIPSR`, ×8 by default): super-resolution steered by the degradation prompt.
+
+    The text is `degradation_prompt` when given (the editable knob: change the phrases, the output follows), else
+    the model's own prompt predictor reads it from the image. The text tower is the shipped degradation encoder's.
+    The output is resized to `upscale` × the input when it differs from the model's scale.
+    """
+
+    name = "clip-sr"
+
+    def __init__(
+        self,
+        source: str | None = None,
+        upscale: float = 8,
+        device: str = "auto",
+        degradation_prompt: str | None = None,
+    ) -> None:
+        from dalpsr.loaders.degradation import load_degradation_models
+        from dalpsr.models.clip_sr import CLIPSR
+
+        if upscale <= 0:
+            raise ValueError(f"`--upscale` must be > 0; got {upscale}.")
+        self.source = source or str(shipped_weights(CLIP_SR_SUBFOLDER))
+        if not (Path(self.source) / "config.json").is_file():
+            raise WeightsNotFoundError(f"No CLIP-SR model at {self.source} (no config.json); pass --clip-sr-model DIR.")
+        self.device = resolve_device(device)
+        self.model = CLIPSR.from_pretrained(self.source).to(self.device).eval()
+        self.encoder = load_degradation_models(device=str(self.device))[0]
+        self.upscale, self.degradation_prompt = upscale, degradation_prompt
+
+    @property
+    def settings(self) -> dict:
+        return {"model_scale": self.model.scale, "degradation_prompt": self.degradation_prompt}
+
+    def prompt_for(self, lr: torch.Tensor) -> tuple[str, str]:
+        """(text, where it came from) for one B=1 image."""
+        if self.degradation_prompt is not None:
+            return self.degradation_prompt, "given"
+        if self.model.prompt_predictor is None:
+            return "", "none (no predictor)"
+        return self.model.prompt_predictor.predict(lr).prompts[0], "predicted"
+
+    @torch.no_grad()
+    def __call__(self, job: Job) -> tuple[object, dict]:
+        from dalpsr.models.clip_sr import embed_prompts
+
+        image = load_image(job.src)
+        lr = image.rgb[None].to(self.device)
+        h, w = lr.shape[-2:]
+        text, origin = self.prompt_for(lr)
+        sr = self.model.super_resolve(lr, embed_prompts(self.encoder, [text]) if text else None)
+        out_h, out_w = round(h * self.upscale), round(w * self.upscale)
+        if sr.shape[-2:] != (out_h, out_w):
+            down = out_h < sr.shape[-2]
+            sr = F.interpolate(sr, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=down)
+        alpha = image.alpha
+        if alpha is not None:
+            alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
+        record = {"engine": self.name, "size_wh": [out_w, out_h], "degradation_prompt": text, "prompt_source": origin}
+        return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
+
+
 # ------------------------------------------------------------------------------------------------ --engine auto
-ENGINE_NAMES = ("auto", "diffusion", "restorer", "dat")
+ENGINE_NAMES = ("auto", "diffusion", "restorer", "dat", "clip-sr")
 REALESRGAN_X4PLUS = CACHED_RESTORERS[0]
 DIFFUSION_HINT = (
     "for the diffusion engine give --model DIR (a saved DaLPSRPipeline, e.g. `dalpsr convert-seesr` output), "
@@ -368,6 +434,8 @@ def choose_engine(
         except WeightsNotFoundError:
             if engine == "diffusion":
                 raise
+    if engine == "clip-sr":
+        return EngineChoice("clip-sr", "", None, f"engine: clip-sr (--engine clip-sr); {DIFFUSION_HINT}")
     if engine in ("restorer", "dat"):
         source = resolve_restorer_source(restorer, engine)
         return EngineChoice(engine, source, None, f"engine: {engine} ({source}; --engine {engine}); {DIFFUSION_HINT}")

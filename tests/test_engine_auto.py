@@ -111,7 +111,9 @@ def test_diffusion_weights_win_and_forced_engines(fresh, monkeypatch, tmp_path):
     assert engines.choose_engine("dat").engine == "dat"
     given = engines.choose_engine(restorer=str(tmp_path / "mine.pth"))
     assert (given.engine, given.source) == ("restorer", str(tmp_path / "mine.pth"))
-    with pytest.raises(ValueError, match=r"`engine` must be one of \('auto', 'diffusion', 'restorer', 'dat'\)"):
+    with pytest.raises(
+        ValueError, match=r"`engine` must be one of \('auto', 'diffusion', 'restorer', 'dat', 'clip-sr'"
+    ):
         engines.choose_engine("esrgan")
 
 

