@@ -161,24 +161,27 @@ def test_size_mismatch_policies(tmp_path):
 
 
 def test_missing_weights_give_one_clear_error_and_others_run(tmp_path):
-    built, errors = build_metrics(["psnr", "lpips", "niqe", "nosuch"], MetricProtocol(), weights_dir=tmp_path)
+    built, errors = build_metrics(["psnr", "lpips", "brisque", "nosuch"], MetricProtocol(), weights_dir=tmp_path)
     assert set(built) == {"psnr"}
     assert "`metrics`" in errors["nosuch"] and "list_models" in errors["nosuch"]
     assert "LPIPS_v0.1_alex-df73285e.pth" in errors["lpips"]
     assert str(tmp_path / "hub" / "pyiqa" / "LPIPS_v0.1_alex-df73285e.pth") in errors["lpips"]
     assert str(tmp_path / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in errors["lpips"]
-    assert str(tmp_path / "hub" / "pyiqa" / "niqe_modelparameters.mat") in errors["niqe"]
-    assert [m.expected_path.name for m in missing_weight_files("niqe", tmp_path)] == ["niqe_modelparameters.mat"]
+    assert str(tmp_path / "hub" / "pyiqa" / "brisque_svm_weights.pth") in errors["brisque"]
+    assert [m.expected_path.name for m in missing_weight_files("brisque", tmp_path)] == ["brisque_svm_weights.pth"]
     assert missing_weight_files("psnr", tmp_path) == []
+    # NIQE's parameters ship with dalpsr (weights/niqe): it builds with an empty weights folder
+    built, errors = build_metrics(["niqe"], MetricProtocol(), weights_dir=tmp_path)
+    assert set(built) == {"niqe"} and errors == {}
 
 
 def test_download_attempts_are_refused_and_state_restored(tmp_path, monkeypatch):
     """A metric missing from the ahead-of-time table still never downloads: pyiqa's attempt is refused."""
-    monkeypatch.delitem(weights_mod.HUB_FILES, "niqe")
+    monkeypatch.delitem(weights_mod.HUB_FILES, "brisque")
     hub_before = torch.hub.get_dir()
-    built, errors = build_metrics(["niqe"], MetricProtocol(), weights_dir=tmp_path)
+    built, errors = build_metrics(["brisque"], MetricProtocol(), weights_dir=tmp_path)
     assert built == {}
-    assert str(tmp_path / "hub" / "pyiqa" / "niqe_modelparameters.mat") in errors["niqe"]
+    assert "brisque_svm_weights.pth" in errors["brisque"]
     assert torch.hub.get_dir() == hub_before
     from pyiqa.utils import download_util
 
