@@ -34,9 +34,11 @@ from dalpsr.loaders.degradation import load_degradation_models
 from dalpsr.loaders.manifest import shipped_weights
 from dalpsr.models.prompt_decoder import describe_image
 from dalpsr.pipelines.engines import (
+    CLIP_SR_SUBFOLDER,
     DEFAULT_DAT_SUBFOLDER,
     ENGINE_NAMES,
     REALESRGAN_X4PLUS,
+    ClipSREngine,
     RestorerEngine,
     WeightsNotFoundError,
     choose_engine,
@@ -53,6 +55,7 @@ RANDOM_WEIGHTS_NOTE = (
 ENGINE_INFO = {
     "diffusion": "DaLPSR diffusion pipeline (SD2 prior + LR ControlNet + degradation and content prompts)",
     "dat": "the shipped DAT-light ×4 restorer with degradation-feature fusion (regression; no prompts)",
+    "clip-sr": "the shipped CLIP-SR tiny ×8: text-guided regression steered by the degradation prompt (edit it)",
 }
 
 
@@ -153,7 +156,13 @@ def load_engines(args: argparse.Namespace) -> DemoEngines:
         regression.append(choice)
     if args.engine == "auto" and all(c.engine != "dat" for c in regression):
         regression.append(choose_engine("dat"))
+    if args.engine == "auto" and (shipped_weights(CLIP_SR_SUBFOLDER) / "config.json").is_file():
+        regression.append(choose_engine("clip-sr"))
     for c in regression:
+        if c.engine == "clip-sr":
+            engines.restorers[c.engine] = ClipSREngine(None, 8, args.device)
+            engines.info[c.engine] = ENGINE_INFO["clip-sr"]
+            continue
         engines.restorers[c.engine] = RestorerEngine(c.source, 4, args.device, args.dtype, name=c.engine)
         engines.info[c.engine] = _restorer_info(c)
     if engines.pipe is not None:
@@ -295,6 +304,11 @@ def upscale(
         )
         if engines.random_weights:
             used["warning"] = "random weights: the output is noise"
+    elif engine == "clip-sr":
+        report(0.0, desc="restoring with clip-sr")
+        job = Job(Path(path), Path(path), Path(path).name)
+        out, record = engines.restorers[engine](job, degradation_prompt=degradation_prompt or None)
+        used.update(degradation_prompt=record["degradation_prompt"], prompt_source=record["prompt_source"])
     else:
         report(0.0, desc=f"restoring with {engine}")
         out, _ = engines.restorers[engine](Job(Path(path), Path(path), Path(path).name))

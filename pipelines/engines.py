@@ -309,22 +309,23 @@ class ClipSREngine:
     def settings(self) -> dict:
         return {"model_scale": self.model.scale, "degradation_prompt": self.degradation_prompt}
 
-    def prompt_for(self, lr: torch.Tensor) -> tuple[str, str]:
-        """(text, where it came from) for one B=1 image."""
-        if self.degradation_prompt is not None:
-            return self.degradation_prompt, "given"
+    def prompt_for(self, lr: torch.Tensor, degradation_prompt: str | None = None) -> tuple[str, str]:
+        """(text, where it came from) for one B=1 image: `degradation_prompt`, else the engine's, else predicted."""
+        given = self.degradation_prompt if degradation_prompt is None else degradation_prompt
+        if given is not None:
+            return given, "given"
         if self.model.prompt_predictor is None:
             return "", "none (no predictor)"
         return self.model.prompt_predictor.predict(lr).prompts[0], "predicted"
 
     @torch.no_grad()
-    def __call__(self, job: Job) -> tuple[object, dict]:
+    def __call__(self, job: Job, degradation_prompt: str | None = None) -> tuple[object, dict]:
         from dalpsr.models.clip_sr import embed_prompts
 
         image = load_image(job.src)
         lr = image.rgb[None].to(self.device)
         h, w = lr.shape[-2:]
-        text, origin = self.prompt_for(lr)
+        text, origin = self.prompt_for(lr, degradation_prompt)
         sr = self.model.super_resolve(lr, embed_prompts(self.encoder, [text]) if text else None)
         out_h, out_w = round(h * self.upscale), round(w * self.upscale)
         if sr.shape[-2:] != (out_h, out_w):

@@ -11,6 +11,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -64,7 +65,7 @@ def test_defaults_bind_to_localhost_and_bound_everything():
 
 def test_without_weights_the_demo_offers_the_restorer_and_says_how_to_get_diffusion(no_diffusion_weights):
     engines = app.load_engines(app.parse_args(["--device", "cpu"]))
-    assert engines.names == ["dat"] and engines.default == "dat" and engines.pipe is None
+    assert engines.names == ["dat", "clip-sr"] and engines.default == "dat" and engines.pipe is None
     assert engines.reason == engines_module.choose_engine().reason
     assert engines.info["dat"] == app.ENGINE_INFO["dat"]
     assert engines.reason.startswith("engine: dat (the shipped DAT restorer; no diffusion weights found")
@@ -76,14 +77,14 @@ def test_without_weights_the_demo_offers_the_restorer_and_says_how_to_get_diffus
 def test_a_cached_realesrgan_is_the_default_with_dat_beside_it(no_diffusion_weights):
     get_dummy_spandrel_restorer().save_pretrained(no_diffusion_weights / "restorers" / "realesrgan-x4plus")
     engines = app.load_engines(app.parse_args(["--device", "cpu"]))
-    assert engines.names == ["restorer", "dat"] and engines.default == "restorer"
+    assert engines.names == ["restorer", "dat", "clip-sr"] and engines.default == "restorer"
     assert engines.info["restorer"].startswith("Real-ESRGAN x4plus")
     only = app.load_engines(app.parse_args(["--engine", "dat", "--device", "cpu"]))
     assert only.names == ["dat"] and "--engine dat" in only.reason
 
 
 def test_random_weights_are_the_default_engine_and_said_on_the_page(random_engines):
-    assert random_engines.names == ["diffusion", "dat"] and random_engines.default == "diffusion"
+    assert random_engines.names == ["diffusion", "dat", "clip-sr"] and random_engines.default == "diffusion"
     assert random_engines.random_weights
     demo = app.build_demo(random_engines, app.DemoLimits())
     texts = [c.get("props", {}).get("value") for c in demo.config["components"]]
@@ -128,6 +129,21 @@ def test_restorer_request_is_4x_and_a_png(random_engines, tmp_path):
     assert Path(png).name.startswith("small_x4_dat_")
 
 
+def test_clip_sr_request_is_8x_and_follows_the_edited_prompt(random_engines, tmp_path):
+    path = tmp_path / "small.png"
+    Image.open(JPEG_Q40).convert("RGB").crop((0, 0, 16, 12)).save(path)
+    outs = {}
+    for text in ("", "Denoise with sigma 0.75~1.00"):
+        (_, after), png, used = app.upscale(
+            random_engines, app.DemoLimits(), str(path), "", text, "clip-sr", out_dir=tmp_path
+        )
+        assert after.size == (128, 96) and used["size_wh"] == [128, 96]
+        assert used["prompt_source"] == ("given" if text else "predicted")
+        outs[text] = np.asarray(Image.open(png), dtype=np.float64)
+    assert used["degradation_prompt"] == "Denoise with sigma 0.75~1.00"
+    assert np.abs(outs[""] - outs["Denoise with sigma 0.75~1.00"]).mean() > 0
+
+
 def test_bad_requests_are_one_line_value_errors(random_engines, tmp_path):
     path = tmp_path / "small.png"
     Image.new("RGB", (10, 10)).save(path)
@@ -144,7 +160,7 @@ def test_bad_requests_are_one_line_value_errors(random_engines, tmp_path):
         run(limits=app.DemoLimits(max_steps=3), steps=9)
     with pytest.raises(ValueError, match="`image`: upload an image first"):
         run(path=None)
-    with pytest.raises(ValueError, match=r"`engine` must be one of \['diffusion', 'dat'\]; got 'esrgan'"):
+    with pytest.raises(ValueError, match=r"`engine` must be one of \['diffusion', 'dat', 'clip-sr'\]; got 'esrgan'"):
         run(limits=app.DemoLimits(), engine="esrgan")
     with pytest.raises(ValueError, match=r"`degradation prompt`: cannot read 'Deblur with sigma 9~10'; allowed"):
         run(limits=app.DemoLimits(), degradation_prompt="Deblur with sigma 9~10")
@@ -222,4 +238,6 @@ def test_step_progress_reaches_the_client(random_engines, tmp_path, monkeypatch)
         assert used["size_wh"] == [16, 16] and used["steps"] == 3
     finally:
         demo.close()
-    assert "denoising step 3/3" in seen, seen
+    # status is polled, so the last update before "done" may be missed: the steps must arrive, in order
+    steps = [d for d in seen if d.startswith("denoising step")]
+    assert steps and steps == sorted(steps) and set(steps) <= {f"denoising step {i}/3" for i in (1, 2, 3)}, seen
