@@ -74,6 +74,9 @@ def atomic_directory(dst: str | os.PathLike, overwrite: bool = False):
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it.")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
     try:
         yield tmp
         if dst.exists():

@@ -857,7 +857,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Args:
             image: the low-resolution input(s): a path; a PIL image of any mode (RGBA/LA: the alpha channel is
-                resized bicubically and reattached to PIL outputs; L/P/I;16/CMYK are converted to RGB); a numpy
+                resized bicubically and reattached to PIL outputs; gray inputs (L, I;16, LA) give gray PIL outputs;
+                P/CMYK are processed as RGB); a numpy
                 H×W(×C) array (uint8, uint16 or float in [0, 1]); a torch tensor C×H×W or B×C×H×W, float RGB or gray
                 in [0, 1]; or a list of these (sizes may differ). EXIF orientation is applied to files and PIL images.
             prompt: the content prompt (the image description). None: the captioner's caption when a captioner is
