@@ -111,12 +111,20 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         image_encoder: optional image encoder for SeeSR-style image cross-attention (e.g. `RAMImageEncoder`):
             needed when the UNet and ControlNet have `image_attentions` (`use_image_cross_attention`); its
             `encode(lr)` embeddings of the LR image go to both (`DaLPSRPipeline.from_seesr`).
+        kernel_estimator: optional blur-kernel estimator (a `PLIDENet`): its estimate of each image's kernel (σ,
+            principal axes, angle) joins `output.degradations` under "kernel" (a report; it does not change the
+            prompts).
     """
 
-    model_cpu_offload_seq = (
-        "degradation_encoder->prompt_decoder->restorer->image_encoder->text_encoder->controlnet->unet->vae"
-    )
-    _optional_components = ["degradation_encoder", "prompt_decoder", "restorer", "captioner", "image_encoder"]
+    model_cpu_offload_seq = "degradation_encoder->prompt_decoder->kernel_estimator->restorer->image_encoder->text_encoder->controlnet->unet->vae"
+    _optional_components = [
+        "degradation_encoder",
+        "prompt_decoder",
+        "restorer",
+        "captioner",
+        "image_encoder",
+        "kernel_estimator",
+    ]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "controlnet_prompt_embeds"]
     _lora_loadable_modules = ["unet", "text_encoder", "controlnet"]
 
@@ -133,6 +141,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         restorer: Any = None,
         captioner: Any = None,
         image_encoder: Any = None,
+        kernel_estimator: Any = None,
     ):
         super().__init__()
         if not isinstance(controlnet, ControlNetModel):
@@ -151,8 +160,17 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             restorer=restorer,
             captioner=captioner,
             image_encoder=image_encoder,
+            kernel_estimator=kernel_estimator,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def kernel_report(self, rgb: torch.Tensor) -> dict | None:
+        """The kernel estimator's summary of one 3×h×w image (None for images under 8 px a side)."""
+        if min(rgb.shape[-2:]) < 8:
+            return None
+        summary = self.kernel_estimator.describe_kernel(rgb)
+        return {k: v for k, v in summary.items() if k != "kernel"}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -999,6 +1017,13 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                 for k, i in enumerate(idx):
                     if degradation_prompts[i] is None:
                         degradation_prompts[i] = prediction.prompts[k]
+            if self.kernel_estimator is not None:
+                kernels = [self.kernel_report(im.rgb) for im in group]
+                if decode_prompts:
+                    for report, kernel in zip(degradations[-len(idx) :], kernels):
+                        report["kernel"] = kernel
+                else:
+                    degradations.extend({"kernel": kernel} for kernel in kernels)
             if needs_content:
                 missing = [i for i in idx if prompts[i] is None]
                 captions = [default_prompt] * len(missing)
