@@ -116,7 +116,10 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             prompts).
     """
 
-    model_cpu_offload_seq = "degradation_encoder->prompt_decoder->kernel_estimator->restorer->image_encoder->text_encoder->controlnet->unet->vae"
+    model_cpu_offload_seq = (
+        "degradation_encoder->prompt_decoder->kernel_estimator->restorer->image_encoder->text_encoder->"
+        "controlnet->unet->vae"
+    )
     _optional_components = [
         "degradation_encoder",
         "prompt_decoder",
