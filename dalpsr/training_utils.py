@@ -113,6 +113,32 @@ def log_validation(accelerator, output_dir: str | Path, step: int, metrics: dict
     return path
 
 
+def add_optimization_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    train_batch_size: int = 8,
+    max_train_steps: int = 2000,
+    learning_rate: float = 2e-4,
+    adam_beta2: float = 0.99,
+    adam_weight_decay: float = 0.0,
+    adam_epsilon: float = 1e-8,
+) -> None:
+    """Batch, step count, AdamW and LR schedule flags shared by the regression training scripts (their defaults
+    differ per script)."""
+    p.add_argument("--train_batch_size", type=int, default=train_batch_size)
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+    p.add_argument("--max_train_steps", type=int, default=max_train_steps)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--lr_scheduler", default="cosine", help="diffusers scheduler name (constant, cosine, ...)")
+    p.add_argument("--lr_warmup_steps", type=int, default=50)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=adam_beta2)
+    p.add_argument("--adam_weight_decay", type=float, default=adam_weight_decay)
+    p.add_argument("--adam_epsilon", type=float, default=adam_epsilon)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Precision, checkpointing, resuming, validation/logging cadence and tracking: the same in every script.
 

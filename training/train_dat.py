@@ -32,6 +32,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
+    add_optimization_arguments,
     add_run_arguments,
     log_validation,
     parse_with_config,
@@ -74,19 +75,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--degradation", default=None, help="degradation preset (default: config data.degradation)")
     p.add_argument("--crops_per_image", type=int, default=8, help="random crops per image per epoch")
     p.add_argument("--recursive", action="store_true", help="include sub-folders of the data folders")
-    p.add_argument("--train_batch_size", type=int, default=8)
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--max_train_steps", type=int, default=2000)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    add_optimization_arguments(p)
     p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--learning_rate", type=float, default=2e-4)
-    p.add_argument("--lr_scheduler", default="cosine", help="diffusers scheduler name (constant, cosine, ...)")
-    p.add_argument("--lr_warmup_steps", type=int, default=50)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.99)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--l1_weight", type=float, default=1.0)
     p.add_argument("--lpips_weight", type=float, default=0.1, help="used only when the LPIPS weight files exist")
     p.add_argument("--iqa_weights_dir", default=None, help="TORCH_HOME-style folder with hub/pyiqa (LPIPS)")
