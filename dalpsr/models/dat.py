@@ -702,7 +702,7 @@ class DAT(ModelMixin, ConfigMixin):
     def super_resolve(
         self,
         image: Tensor,
-        tile_size: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int = 16,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
@@ -719,7 +719,7 @@ def tiled_forward(
     fn: Callable[[Tensor], Tensor],
     image: Tensor,
     scale: int,
-    tile_size: int | None = 128,
+    tile_size: int | tuple[int, int] | None = 128,
     tile_overlap: int = 16,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -730,8 +730,8 @@ def tiled_forward(
         fn: model or closure mapping (B, C, h, w) -> (B, C, h*scale, w*scale).
         image: (B, C, H, W) input.
         scale: the model's scale factor.
-        tile_size: input tile edge; None (or >= the image) runs the whole image at once.
-        tile_overlap: input pixels over which neighbouring tiles are blended, at most `tile_size // 2`; the
+        tile_size: input tile edge or (height, width); None (or >= the image) runs the whole image at once.
+        tile_overlap: input pixels over which neighbouring tiles are blended, at most half a tile edge; the
             outer quarter on each side is dropped and the middle half cross-faded linearly, so a model whose
             receptive field reaches less than `tile_overlap / 4` pixels gives exactly the untiled result.
         dtype: `torch.float16` / `torch.bfloat16` to run under autocast, None for the input's dtype.

@@ -353,6 +353,11 @@ class DATRestorer(ModelMixin, ConfigMixin):
         """Whether forward needs degradation features (False for a restorer without fusion blocks)."""
         return bool(self.fusion_groups)
 
+    @property
+    def tile_multiple(self) -> int:
+        """DAT pads its attention windows to multiples of this edge: tiles of multiples of it waste no compute."""
+        return max(self.dat.config.split_size)
+
     # ------------------------------------------------------------------------------------- conditioning
     def project_features(self, features: DegradationFeatures, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """Normalised, projected (content (B, 1, C), degradation (B, K, C)) tokens; computed once per image.
@@ -512,7 +517,7 @@ class DATRestorer(ModelMixin, ConfigMixin):
         lr: Tensor,
         features: DegradationFeatures | None = None,
         encoder: DegradationEncoder | None = None,
-        tile_size: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int = 16,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
@@ -523,7 +528,7 @@ class DATRestorer(ModelMixin, ConfigMixin):
             lr: (B, 3, H, W) in [0, 1], on the model's device.
             features: see `forward`.
             encoder: see `forward`.
-            tile_size: input tile edge; None runs whole images.
+            tile_size: input tile edge or (height, width); None runs whole images.
             tile_overlap: input pixels over which neighbouring tiles are blended.
             dtype: `torch.float16` / `torch.bfloat16` autocast, None for the input dtype.
 

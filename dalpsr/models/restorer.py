@@ -230,6 +230,11 @@ class SpandrelRestorer(ModelMixin, ConfigMixin):
         """Always False: the network uses no degradation features."""
         return False
 
+    @property
+    def tile_multiple(self) -> int:
+        """Inputs are padded to multiples of this edge (spandrel's size requirement)."""
+        return self.config.size_multiple_of
+
     def _pad_to_requirements(self, x: Tensor) -> tuple[Tensor, int, int]:
         """Reflect/replicate-pad (right and bottom) to the network's size requirements; returns the original size."""
         h, w = x.shape[-2:]
@@ -256,7 +261,7 @@ class SpandrelRestorer(ModelMixin, ConfigMixin):
         lr: Tensor,
         features=None,
         encoder=None,
-        tile_size: int | None = None,
+        tile_size: int | tuple[int, int] | None = None,
         tile_overlap: int = 16,
         dtype: torch.dtype | None = None,
     ) -> Tensor:
@@ -266,7 +271,8 @@ class SpandrelRestorer(ModelMixin, ConfigMixin):
         Args:
             lr: (B, C, H, W) in [0, 1], on the model's device.
             features, encoder: ignored (no fusion); accepted so `DATRestorer` and this class are called alike.
-            tile_size: input tile edge; None runs whole images (ignored when the network tiles internally).
+            tile_size: input tile edge or (height, width); None runs whole images (ignored when the network tiles
+                internally).
             tile_overlap: input pixels over which neighbouring tiles are blended.
             dtype: `torch.float16` / `torch.bfloat16` autocast, None for the input dtype; a dtype the
                 architecture does not support runs in the input dtype instead, with a warning.
