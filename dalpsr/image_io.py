@@ -217,15 +217,27 @@ def load_pil_rgb(path: str | os.PathLike) -> Image.Image:
     return tensor_to_pil(load_image(path).rgb)
 
 
+def _to_uint8(chw: torch.Tensor) -> np.ndarray:
+    # C×H×W float [0, 1] → H×W×C uint8 (round to nearest), a band of rows at a time: no float copy of a whole
+    # large output (a 16000×12000 one is 2.2 GB as float32; converted at once it took three such copies).
+    chw = chw.detach()
+    channels, height, width = chw.shape
+    out = np.empty((height, width, channels), dtype=np.uint8)
+    rows = max(1, 2**20 // max(1, channels * width))
+    for top in range(0, height, rows):
+        band = chw[:, top : top + rows].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        out[top : top + rows] = (band * 255.0).round()
+    return out
+
+
 def tensor_to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None, mode: str = "RGB") -> Image.Image:
     """3×H×W float [0, 1] (and optional 1×H×W alpha) → 8-bit PIL RGB/RGBA, rounding to nearest; with `mode` "L" or
     "LA" (a gray input's `RGBImage.mode`) → L/LA by Pillow's ITU-R 601-2 luma."""
-    arr = (rgb.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    arr = _to_uint8(rgb)
     if alpha is None:
         image = Image.fromarray(arr, mode="RGB")
     else:
-        a = (alpha.detach().float().clamp(0, 1)[0].cpu().numpy() * 255.0).round().astype(np.uint8)
-        image = Image.fromarray(np.concatenate([arr, a[:, :, None]], axis=2), mode="RGBA")
+        image = Image.fromarray(np.concatenate([arr, _to_uint8(alpha[:1])], axis=2), mode="RGBA")
     if mode in ("L", "LA"):
         return image.convert("LA" if alpha is not None else "L")
     return image

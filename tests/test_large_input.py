@@ -4,10 +4,14 @@ benchmarks/bench_large_input.py."""
 
 from __future__ import annotations
 
+import tracemalloc
+
+import numpy as np
 import torch
 from PIL import Image
 
 from dalpsr.batch import Job
+from dalpsr.image_io import tensor_to_pil
 from dalpsr.pipelines.engines import RestorerEngine
 from dalpsr.testing import get_dummy_degradation_models, get_dummy_pipeline, get_dummy_restorer
 
@@ -70,3 +74,18 @@ def test_the_dat_engine_runs_the_network_on_tiles_only_and_keeps_the_exact_size(
         hook.remove()
     assert image.size == (180, 136) and record["size_wh"] == [180, 136]
     assert len(sizes) == 4 * 5 and max(max(s) for s in sizes) <= 16  # 64 output px: 16-px LR tiles, overlap 8
+
+
+def test_the_8_bit_conversion_makes_no_float_copy_of_the_whole_image():
+    rgb = torch.rand(3, 1500, 2000, generator=torch.Generator().manual_seed(0))
+    reference = (rgb.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    tracemalloc.start()  # numpy's buffers are traced (torch's are not)
+    try:
+        image = tensor_to_pil(rgb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(np.asarray(image), reference)
+    # Converted at once, the scaled and the rounded float32 copies alone took 2 × 36 MB; in bands of rows, the
+    # 9 MB uint8 result and two band-sized temporaries.
+    assert peak < 0.5 * rgb.numel() * 4, peak
