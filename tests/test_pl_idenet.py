@@ -16,7 +16,9 @@ from dalpsr.degradations.wiener import wiener_deconvolve
 from dalpsr.models.pl_idenet import (
     PLIDENet,
     WienerLayer,
+    blur_fft,
     dct_atoms,
+    gaussian_kernel_from_params,
     kernel_loss,
     kernel_moments,
     kernel_picture,
@@ -178,6 +180,12 @@ def test_bad_config_and_input():
         PLIDENet(**{**TINY, "prompt_num_heads": [3, 2]})
     with pytest.raises(ValueError, match="`lr`"):
         tiny()(torch.rand(1, 3, 6, 8))
+    with pytest.raises(ValueError, match="`kernel_parameterization`"):
+        PLIDENet(**{**TINY, "kernel_parameterization": "sinc"})
+    with pytest.raises(ValueError, match="`kernel_min_sigma`"):
+        PLIDENet(**{**TINY, "kernel_min_sigma": 0.0})
+    with pytest.raises(ValueError, match="`kernel_init_sigma`"):
+        PLIDENet(**{**TINY, "kernel_parameterization": "gaussian", "kernel_init_sigma": 0.1})
 
 
 def test_kernel_moments_and_description():
@@ -203,3 +211,65 @@ def test_kernel_moments_and_description():
         model.describe_kernel(torch.rand(1, 3, 12, 10))
     with pytest.raises(ValueError, match="h, w >= 8"):
         model.describe_kernel(torch.rand(3, 6, 10))
+
+
+def test_blur_fft_is_filter2d():
+    torch.manual_seed(0)
+    for (h, w), k in (((30, 33), 7), ((24, 24), 21), ((9, 13), 21)):  # the last pads by replication, as filter2d
+        x = torch.rand(2, 3, h, w)
+        kernels = torch.rand(2, k, k)
+        kernels = kernels / kernels.sum((1, 2), keepdim=True)
+        torch.testing.assert_close(blur_fft(x, kernels), ops.filter2d(x, kernels), rtol=0, atol=2e-6)
+    asym = torch.zeros(1, 5, 5)
+    asym[0, 1, 3] = 1.0  # not symmetric: catches a flipped kernel
+    x = torch.rand(1, 1, 12, 12)
+    torch.testing.assert_close(blur_fft(x, asym), ops.filter2d(x, asym), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="`kernels`"):
+        blur_fft(x, torch.rand(1, 4, 4))
+
+
+def test_gaussian_head_kernels():
+    # a known covariance R·diag(σ1², σ2²)·Rᵀ − floor² through its Cholesky factor gives that anisotropic Gaussian
+    s1, s2, theta, floor = 3.0, 1.2, math.radians(30), 0.2
+    c, s = math.cos(theta), math.sin(theta)
+    rot = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    cov = rot @ torch.diag(torch.tensor([s1 * s1, s2 * s2], dtype=torch.float64)) @ rot.T
+    chol = torch.linalg.cholesky(cov - floor * floor * torch.eye(2, dtype=torch.float64))
+    params = torch.tensor([[chol[0, 0].log(), chol[1, 0], chol[1, 1].log()]], dtype=torch.float64)
+    kernel = gaussian_kernel_from_params(params, 21, floor)[0]
+    torch.testing.assert_close(kernel, gaussian_family_kernel("aniso", 21, s1, s2, theta), rtol=0, atol=1e-12)
+    # any parameters give a kernel; σ never drops below the floor
+    tiny_kernel = gaussian_kernel_from_params(torch.full((1, 3), -20.0), 21, floor)
+    assert float(tiny_kernel.sum()) == pytest.approx(1.0) and float(kernel_sigma(tiny_kernel)[0]) > 0.15
+
+    model = tiny(kernel_parameterization="gaussian", kernel_init_sigma=1.5)
+    assert model.estimator.head[-1].out_channels == 3
+    with torch.no_grad():
+        k = model(torch.rand(2, 3, 9, 10)).kernel
+    assert k.shape == (2, 7, 7) and float(k.min()) >= 0
+    torch.testing.assert_close(k.sum((1, 2)), torch.ones(2))
+    torch.nn.init.zeros_(model.estimator.head[-1].weight)  # the bias alone: the isotropic init kernel
+    with torch.no_grad():
+        k = model.estimate_kernel(torch.rand(1, 3, 9, 10))
+    torch.testing.assert_close(k[0], gaussian_family_kernel("iso", 7, 1.5, 1.5, 0.0).float(), rtol=0, atol=1e-6)
+
+
+def test_estimator_normalization_and_kernel_only():
+    model = tiny(kernel_parameterization="gaussian", estimator_normalization=True)
+    assert isinstance(model.estimator.head[2], torch.nn.BatchNorm2d)
+    model.train()
+    lr = torch.rand(4, 3, 12, 12) * 0.5 + 0.2
+    model(lr)  # batch statistics move the running ones
+    assert float(model.estimator.head[2].running_var.sub(1).abs().max()) > 0
+    model.eval()
+    with torch.no_grad():
+        # standardised input: the estimate ignores brightness and contrast
+        torch.testing.assert_close(model.estimate_kernel(lr), model.estimate_kernel(0.5 * lr + 0.1), rtol=0, atol=1e-5)
+        full = model(lr)
+        only = model(lr, kernel_only=True)
+    assert only.sample is None and only.deconvolved is None
+    torch.testing.assert_close(only.kernel, full.kernel, rtol=0, atol=0)
+    # the estimator keeps PyTorch's default conv init (the trunc-normal 0.02 init is the restorer's)
+    w = model.estimator.enc1[0].weight.detach()
+    bound = 1 / math.sqrt(w[0].numel())
+    assert float(w.abs().max()) > 0.1 and float(w.abs().max()) <= bound

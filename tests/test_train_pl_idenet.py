@@ -139,6 +139,10 @@ def test_parse_args_and_config_validation(train, tmp_path):
     base = ["--train_data_dir", "x", "--output_dir", "y"]
     with pytest.raises(ValueError, match="--max_train_steps"):
         train.parse_args([*base, "--max_train_steps", "0"])
+    with pytest.raises(ValueError, match="--estimator_steps"):
+        train.parse_args([*base, "--max_train_steps", "5", "--estimator_steps", "6"])
+    with pytest.raises(ValueError, match="--estimator_learning_rate"):
+        train.parse_args([*base, "--estimator_learning_rate", "0"])
     with pytest.raises(ValueError, match="--kernel_loss_weight"):
         train.parse_args([*base, "--kernel_loss_weight", "-1"])
     with pytest.raises(FileNotFoundError, match="--model_config"):
@@ -149,3 +153,62 @@ def test_parse_args_and_config_validation(train, tmp_path):
     bad.write_text(json.dumps({"dat": {}}))
     with pytest.raises(ValueError, match="'model'"):
         train.load_model_config(str(bad))
+
+
+def test_estimator_stage_then_frozen_joint_stage_resume_exactly(train, data, tmp_path):
+    """--estimator_steps trains only the estimator (larger crops); --freeze_estimator then trains only the rest."""
+    extra = ("--max_train_steps", "4", "--estimator_steps", "2", "--estimator_hr_size", "40",
+             "--estimator_learning_rate", "1e-2", "--freeze_estimator", "--validation_steps", "2")  # fmt: skip
+    full = train.main(args_for(train, data, tmp_path / "full", *extra))
+    from dalpsr.models.pl_idenet import PLIDENet
+
+    torch.manual_seed(0)
+    init = PLIDENet(**TINY_RUN["model"]).state_dict()
+    after_estimator = load_file(full / "checkpoint-2" / "model.safetensors")
+    final = load_file(full / "model" / "diffusion_pytorch_model.safetensors")
+    estimator = [k for k in init if k.startswith("estimator.")]
+    restorer = [k for k in init if not k.startswith("estimator.")]
+    assert all(not torch.equal(after_estimator[k], init[k]) for k in estimator if k.endswith("weight"))
+    assert all(torch.equal(after_estimator[k], init[k]) for k in restorer)  # the SR body is untouched in stage 1
+    assert all(torch.equal(final[k], after_estimator[k]) for k in estimator)  # frozen in the joint stage
+    assert not torch.equal(final["conv_last.weight"], init["conv_last.weight"])
+    val = json.loads((full / "validation" / "step-2.json").read_text())
+    assert (
+        val["stage"] == "estimator"
+        and json.loads((full / "validation" / "step-4.json").read_text())["stage"] == "joint"
+    )
+    assert val["sigma_corr"] is None or -1 <= val["sigma_corr"] <= 1
+    data_json = json.loads((full / "model_data.json").read_text())
+    assert data_json["estimator_steps"] == 2 and data_json["estimator_hr_size"] == 40
+
+    # resumed inside the estimator stage and at the stage boundary: the same weights, bit for bit
+    for ckpt in ("checkpoint-1", "checkpoint-2"):
+        resumed = tmp_path / f"resumed-{ckpt}"
+        shutil.copytree(full / ckpt, resumed / ckpt)
+        train.main(args_for(train, data, resumed, *extra, "--resume_from_checkpoint", "latest"))
+        other = load_file(resumed / "model" / "diffusion_pytorch_model.safetensors")
+        for key in final:
+            torch.testing.assert_close(final[key], other[key], rtol=0, atol=0, msg=f"{ckpt}: {key}")
+
+
+def test_init_restorer_from_keeps_the_estimator_fresh(train, data, tmp_path):
+    from dalpsr.models.pl_idenet import PLIDENet
+
+    torch.manual_seed(3)
+    source = PLIDENet(**TINY_RUN["model"])
+    source.save_pretrained(tmp_path / "source")
+    model_cfg = {**TINY_RUN["model"], "kernel_parameterization": "gaussian", "estimator_normalization": True}
+    (tmp_path / "run.json").write_text(json.dumps({**TINY_RUN, "model": model_cfg}))
+    args = args_for(train, data, tmp_path / "out", "--max_train_steps", "1", "--learning_rate", "1e-12",
+                    "--init_restorer_from", str(tmp_path / "source"), "--validation_steps", "5")  # fmt: skip
+    args.model_config = str(tmp_path / "run.json")
+    out = train.main(args)
+    state = load_file(out / "model" / "diffusion_pytorch_model.safetensors")
+    ref = source.state_dict()
+    torch.testing.assert_close(state["groups.0.prompt.bank"], ref["groups.0.prompt.bank"], rtol=0, atol=1e-9)
+    assert state["estimator.head.3.weight"].shape[0] == 3  # the Gaussian head of the new config, not the source's
+    wider = {**TINY_RUN["model"], "embed_dim": 24}
+    (tmp_path / "wide.json").write_text(json.dumps({**TINY_RUN, "model": wider}))
+    args.model_config, args.output_dir = str(tmp_path / "wide.json"), str(tmp_path / "wide")
+    with pytest.raises(ValueError, match="--init_restorer_from"):
+        train.main(args)

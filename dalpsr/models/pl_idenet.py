@@ -108,42 +108,110 @@ def kernel_picture(kernel: Tensor, zoom: int = 8):
     return k.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1).numpy()
 
 
+def blur_fft(x: Tensor, kernels: Tensor) -> Tensor:
+    """`dalpsr.degradations.ops.filter2d` (same padding, same result to float rounding) computed with FFTs.
+
+    The gradient with respect to the kernels costs about as much as the blur itself here, where the grouped
+    convolution's weight gradient is several times slower on CPU. x: B×C×H×W; kernels: B×k×k, k odd.
+    """
+    b, c, h, w = x.shape
+    k = kernels.shape[-1]
+    if kernels.shape != (b, k, k) or k % 2 == 0:
+        raise ValueError(f"`kernels` must be B×k×k with odd k and B={b}; got {tuple(kernels.shape)}.")
+    pad = k // 2
+    xp = F.pad(x, (pad,) * 4, mode="reflect" if pad < min(h, w) else "replicate") if pad else x
+    size = xp.shape[-2:]
+    # F.conv2d correlates: convolve with the flipped kernel; the last h×w of the circular result never wrap
+    spectrum = torch.fft.rfft2(xp, s=size) * torch.fft.rfft2(kernels.to(x).flip(-2, -1), s=size)[:, None]
+    return torch.fft.irfft2(spectrum, s=size)[..., k - 1 :, k - 1 :]
+
+
 def kernel_loss(hr: Tensor, kernel: Tensor, lr: Tensor) -> Tensor:
     """The implicit kernel loss: L1 between bicubic↓(HR ⊛ kernel) and the LR (no ground-truth kernel needed).
 
     Args:
         hr: B×3×H×W ground-truth HR; lr: B×3×h×w LR; kernel: B×k×k estimated kernels (gradients flow to them).
     """
-    reblurred = ops.resize(ops.filter2d(hr, kernel), tuple(lr.shape[-2:]), "bicubic_antialias")
+    reblurred = ops.resize(blur_fft(hr, kernel), tuple(lr.shape[-2:]), "bicubic_antialias")
     return F.l1_loss(reblurred, lr)
 
 
-class KernelEstimator(nn.Module):
-    """LR → B×k×k kernel: a two-level U-Net, 3×3 conv, global average pooling, 1×1 conv to k², softmax."""
+def gaussian_kernel_from_params(params: Tensor, size: int, min_sigma: float) -> Tensor:
+    """B×3 unconstrained parameters → B×size×size anisotropic Gaussian kernels (sampled on the grid, sum 1).
 
-    def __init__(self, channels: int, kernel_size: int) -> None:
+    The covariance is L·Lᵀ + min_sigma²·I with L = [[exp(p₀), 0], [p₁, exp(p₂)]] (x right, y down), so every
+    parameter vector is a valid kernel and σ never drops below `min_sigma`.
+    """
+    ax = torch.arange(size, dtype=params.dtype, device=params.device) - (size - 1) / 2
+    l11, l21, l22 = params[:, 0].exp(), params[:, 1], params[:, 2].exp()
+    floor = min_sigma * min_sigma
+    sxx, sxy, syy = l11 * l11 + floor, l11 * l21, l21 * l21 + l22 * l22 + floor
+    det = (sxx * syy - sxy * sxy)[:, None, None]
+    x, y = ax[None, None, :], ax[None, :, None]
+    q = (syy[:, None, None] * x * x - 2 * sxy[:, None, None] * x * y + sxx[:, None, None] * y * y) / det
+    k = torch.exp(-0.5 * q)
+    return k / k.sum((-2, -1), keepdim=True)
+
+
+class KernelEstimator(nn.Module):
+    """LR → B×k×k kernel: a two-level U-Net, 3×3 conv, global average pooling, 1×1 conv, then the kernel.
+
+    `parameterization` "free": the 1×1 conv gives k² logits, softmax (the paper); "gaussian": it gives the 3
+    parameters of `gaussian_kernel_from_params`. `normalize`: the LR is standardised per image (mean 0, std 1
+    over its pixels and channels) and the pooled features are batch-normalised before the 1×1 conv.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int,
+        parameterization: str = "free",
+        normalize: bool = False,
+        min_sigma: float = 0.2,
+    ) -> None:
         super().__init__()
         c, h = channels, channels // 2
-        self.kernel_size = kernel_size
+        self.kernel_size, self.parameterization, self.normalize, self.min_sigma = (
+            kernel_size, parameterization, normalize, min_sigma,
+        )  # fmt: skip
         self.enc1 = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, h, 3, 1, 1))
         self.enc2 = nn.Sequential(nn.Conv2d(h, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, h, 3, 1, 1))
         self.bottom = nn.Sequential(nn.Conv2d(h, c, 3, 1, 1), nn.ReLU(), nn.ConvTranspose2d(c, c, 2, 2))
         self.dec2 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, h, 3, 1, 1))
         self.up2 = nn.ConvTranspose2d(c, c, 2, 2)
         self.dec1 = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1), nn.ReLU(), nn.Conv2d(c, h, 3, 1, 1))
+        outputs = kernel_size * kernel_size if parameterization == "free" else 3
+        pool_norm = [nn.BatchNorm2d(2 * c)] if normalize else []
         self.head = nn.Sequential(
-            nn.Conv2d(c, 2 * c, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(2 * c, kernel_size * kernel_size, 1)
+            nn.Conv2d(c, 2 * c, 3), nn.AdaptiveAvgPool2d(1), *pool_norm, nn.Conv2d(2 * c, outputs, 1)
         )
 
+    def init_kernel(self, sigma: float) -> None:
+        """Make the last bias give an isotropic Gaussian of this σ (the image-dependent part starts small)."""
+        k = self.kernel_size
+        with torch.no_grad():
+            if self.parameterization == "free":
+                prior = gaussian_family_kernel("iso", k, sigma, sigma, 0.0)
+                self.head[-1].bias.copy_(prior.clamp_min(1e-12).log().flatten())
+            else:
+                if sigma <= self.min_sigma:
+                    raise ValueError(f"`kernel_init_sigma` must exceed the Gaussian head's σ floor {self.min_sigma}.")
+                a = 0.5 * math.log(sigma * sigma - self.min_sigma * self.min_sigma)
+                self.head[-1].bias.copy_(torch.tensor([a, 0.0, a]))
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.normalize:
+            x = (x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True).clamp_min(1e-3)
         res1 = self.enc1(x)  # B×c/2×h×w
         res2 = self.enc2(F.max_pool2d(res1, 2))  # B×c/2×h/2×w/2
         y = self.dec2(self.bottom(F.max_pool2d(res2, 2)))
         y = torch.cat([F.interpolate(y, size=res2.shape[-2:], mode="bilinear", align_corners=False), res2], 1)
         y = self.dec1(self.up2(y))
         y = torch.cat([F.interpolate(y, size=res1.shape[-2:], mode="bilinear", align_corners=False), res1], 1)
-        logits = self.head(y).flatten(1)  # B×k²
-        return logits.softmax(-1).view(-1, self.kernel_size, self.kernel_size)
+        out = self.head(y).flatten(1)  # B×k² logits, or B×3 Gaussian parameters
+        if self.parameterization == "gaussian":
+            return gaussian_kernel_from_params(out, self.kernel_size, self.min_sigma)
+        return out.softmax(-1).view(-1, self.kernel_size, self.kernel_size)
 
 
 def dct_atoms(size: int) -> Tensor:
@@ -377,6 +445,11 @@ class PLIDENet(ModelMixin, ConfigMixin):
             sensible start that short training runs need.
         kernel_init_sigma: start the estimator at an isotropic Gaussian of this σ (its last bias set to the
             Gaussian's log); None (the paper) starts it at the uniform kernel of zero logits.
+        kernel_parameterization: "free" (the paper: softmax over the k×k taps) or "gaussian" (not in the paper:
+            the estimator predicts an anisotropic Gaussian, see `gaussian_kernel_from_params`).
+        estimator_normalization: standardise the estimator's input per image and batch-normalise its pooled
+            features (not in the paper; see the module docstring).
+        kernel_min_sigma: the Gaussian head's σ floor (HR pixels).
     """
 
     @register_to_config
@@ -403,6 +476,9 @@ class PLIDENet(ModelMixin, ConfigMixin):
         detach_kernel: bool = True,
         bicubic_skip: bool = False,
         kernel_init_sigma: float | None = None,
+        kernel_parameterization: str = "free",
+        estimator_normalization: bool = False,
+        kernel_min_sigma: float = 0.2,
     ) -> None:
         super().__init__()
         if scale not in (2, 3, 4, 8):
@@ -411,6 +487,12 @@ class PLIDENet(ModelMixin, ConfigMixin):
             raise ValueError(f"`kernel_size` must be a positive odd integer; got {kernel_size!r}.")
         if wiener_filter_size < 2:
             raise ValueError(f"`wiener_filter_size` must be >= 2; got {wiener_filter_size!r}.")
+        if kernel_parameterization not in ("free", "gaussian"):
+            raise ValueError(
+                f"`kernel_parameterization` must be 'free' or 'gaussian'; got {kernel_parameterization!r}."
+            )
+        if not 0 < kernel_min_sigma < kernel_size / 2:
+            raise ValueError(f"`kernel_min_sigma` must be in (0, kernel_size / 2); got {kernel_min_sigma!r}.")
         n = len(depths)
         for name, value in (("num_heads", num_heads), ("prompt_scale_factors", prompt_scale_factors),
                             ("prompt_num_heads", prompt_num_heads)):  # fmt: skip
@@ -424,7 +506,9 @@ class PLIDENet(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"`prompt_num_heads`[{i}]={prompt_num_heads[i]} must divide embed_dim + prompt channels ({joint})."
                 )
-        self.estimator = KernelEstimator(estimator_channels, kernel_size)
+        self.estimator = KernelEstimator(
+            estimator_channels, kernel_size, kernel_parameterization, estimator_normalization, kernel_min_sigma
+        )
         ups = []
         for _ in range(int(math.log2(scale)) if scale != 3 else 1):
             f = 3 if scale == 3 else 2
@@ -453,12 +537,13 @@ class PLIDENet(ModelMixin, ConfigMixin):
         self.conv_last = nn.Conv2d(embed_dim, 3, 3, 1, 1)
         self.register_buffer("rgb_mean", torch.tensor(_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.apply(self._init_weights)
+        for m in self.estimator.modules():  # PyTorch's default init (the SwinIR init is for the restorer)
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.reset_parameters()
         if bicubic_skip:
             nn.init.zeros_(self.conv_last.weight)
         if kernel_init_sigma is not None:
-            prior = gaussian_family_kernel("iso", kernel_size, kernel_init_sigma, kernel_init_sigma, 0.0)
-            with torch.no_grad():
-                self.estimator.head[-1].bias.copy_(prior.clamp_min(1e-12).log().flatten())
+            self.estimator.init_kernel(kernel_init_sigma)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -501,8 +586,10 @@ class PLIDENet(ModelMixin, ConfigMixin):
         out = x + self.conv_last(self.conv_after_body(y) + first) + self.rgb_mean.to(x.dtype)
         return out[..., :h, :w]
 
-    def forward(self, lr: Tensor, return_dict: bool = True) -> PLIDENetOutput | tuple:
+    def forward(self, lr: Tensor, return_dict: bool = True, kernel_only: bool = False) -> PLIDENetOutput | tuple:
         """Super-resolve a B×3×h×w LR batch in [0, 1] (h, w >= 8).
+
+        `kernel_only` runs the estimator alone (sample and deconvolved are None): the estimator-only training stage.
 
         Returns:
             `PLIDENetOutput` (sample, kernel, deconvolved), or that tuple with `return_dict=False`.
@@ -511,6 +598,12 @@ class PLIDENet(ModelMixin, ConfigMixin):
             shape = tuple(lr.shape) if isinstance(lr, Tensor) else type(lr).__name__
             raise ValueError(f"`lr` must be a B×3×h×w tensor with h, w >= 8; got {shape}.")
         kernel = self.estimate_kernel(lr)
+        if kernel_only:
+            return (
+                (None, kernel, None)
+                if not return_dict
+                else PLIDENetOutput(sample=None, kernel=kernel, deconvolved=None)
+            )
         k = kernel.detach() if self.config.detach_kernel else kernel
         upsampled = self.upsampler(lr)
         if self.config.bicubic_skip:
