@@ -5,7 +5,9 @@ and bicubic-downsampled (`dalpsr.degradations.gaussian8`). Setting 2: held-out H
 DIV2KRK-style anisotropic kernel drawn from a seed derived from its file name. Scores: PSNR/SSIM on the Y channel
 (BT.601 YCbCr), border = scale, 8-bit outputs. Kernel error of PL-IDENet's estimate against the applied kernel:
 |σ̂ − σ| (σ = RMS spread per axis, `kernel_sigma`) and Σ|k̂ − k|, beside two estimators that look at no image:
-the bicubic-only delta kernel (σ = 0) and the constant isotropic kernel at the middle of the training σ range.
+the bicubic-only delta kernel (σ = 0) and the constant isotropic kernel at the middle of the training σ range;
+the correlation of σ̂ with σ over each setting's cases (does the estimate follow the blur?); with
+`--degradation-model`, the same in LR pixels for the prompt decoder's blur bin (its midpoint).
 
     python benchmarks/eval_pl_idenet.py --model weights/pl_idenet_tiny --json out.json --kernel-png kernels.png
 """
@@ -157,8 +159,10 @@ def main(args: argparse.Namespace) -> dict:
             pairs.append((case["setting"], k_true, k_est))
             if describe is not None:
                 # in LR pixels, the unit of the decoder's bins (trained at scale 1): the HR blur σ / scale
+                row["sigma_lr_decoder"] = describe(lr)
                 row["sigma_lr_error_est"] = abs(row["sigma_est"] - sigma) / args.scale
-                row["sigma_lr_error_decoder"] = abs(describe(lr) - sigma / args.scale)
+                row["sigma_lr_error_decoder"] = abs(row["sigma_lr_decoder"] - sigma / args.scale)
+                row["sigma_lr_error_prior"] = abs(PRIOR_SIGMA - sigma) / args.scale
         for method, sr in outputs.items():
             for k, m in metrics.items():
                 row[f"{method}_{k}"] = score(m, sr.clamp(0, 1), hr, protocol)
@@ -190,10 +194,29 @@ def summarise(rows: list[dict]) -> dict:
             continue
         keys = [f"{m}_{k}" for m in METHODS for k in ("psnr", "ssim")]
         keys += [f"{e}_{n}" for e in ("sigma_error", "kernel_l1") for n in ("est", "delta", "prior")]
-        keys += ["sigma_lr_error_est", "sigma_lr_error_decoder"]
+        keys += ["sigma_lr_error_est", "sigma_lr_error_decoder", "sigma_lr_error_prior"]
         out[setting] = {"n": len(sel)}
         out[setting].update({k: sum(r[k] for r in sel) / len(sel) for k in keys if all(k in r for r in sel)})
+        for name, key in (("est", "sigma_est"), ("decoder", "sigma_lr_decoder")):
+            if all(key in r for r in sel):
+                out[setting][f"sigma_corr_{name}"] = pearson([r[key] for r in sel], [r["sigma_true"] for r in sel])
     return out
+
+
+def pearson(a: list[float], b: list[float]) -> float | None:
+    """Pearson correlation; None when either list is constant (a constant estimate follows no blur)."""
+    n = len(a)
+    if n < 2:
+        return None
+    ma, mb = sum(a) / n, sum(b) / n
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    if va <= 1e-24 or vb <= 1e-24:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
+
+
+def _corr(value) -> str:
+    return "n/a (constant)" if value is None else f"{value:.3f}"
 
 
 def print_table(summary: dict) -> None:
@@ -218,13 +241,22 @@ def print_table(summary: dict) -> None:
             print(
                 f"| {names[setting]} | {label} | {s[f'{e}_est']:.3f} | {s[f'{e}_delta']:.3f} | {s[f'{e}_prior']:.3f} |"
             )
+    if any("sigma_corr_est" in s for s in summary.values() if isinstance(s, dict)):
+        print("\n| set | corr(σ̂, σ), PL-IDENet | corr(σ̂, σ), prompt decoder blur bin |")
+        print("|---|---:|---:|")
+        for setting, s in summary.items():
+            if setting in names and "sigma_corr_est" in s:
+                print(f"| {names[setting]} | {_corr(s['sigma_corr_est'])} | {_corr(s.get('sigma_corr_decoder'))} |")
     if any("sigma_lr_error_est" in s for s in summary.values() if isinstance(s, dict)):
-        print("\n| set | mean abs(σ̂ − σ), LR px | PL-IDENet kernel σ / scale | prompt decoder blur bin (midpoint) |")
-        print("|---|---|---:|---:|")
+        print(
+            "\n| set | mean abs(σ̂ − σ), LR px | PL-IDENet kernel σ / scale | prompt decoder blur bin (midpoint) "
+            "| constant σ = 2.1 / scale |"
+        )
+        print("|---|---|---:|---:|---:|")
         for setting, s in summary.items():
             if setting in names and "sigma_lr_error_est" in s:
-                est, dec = s["sigma_lr_error_est"], s["sigma_lr_error_decoder"]
-                print(f"| {names[setting]} | σ_HR / scale | {est:.3f} | {dec:.3f} |")
+                est, dec, prior = s["sigma_lr_error_est"], s["sigma_lr_error_decoder"], s["sigma_lr_error_prior"]
+                print(f"| {names[setting]} | σ_HR / scale | {est:.3f} | {dec:.3f} | {prior:.3f} |")
 
 
 if __name__ == "__main__":

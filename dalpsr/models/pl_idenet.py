@@ -23,7 +23,20 @@ What differs:
   MATLAB-rule edge taper, crop), batched over images; the reference loops over images with symmetric padding.
   The wavelet noise estimator of the reference is left out: its output is computed but never used there.
 - The kernel loss blurs and downsamples with this project's degradation ops (reflect-padded blur, antialiased
-  bicubic), the same ones the "setting1"/"setting2" presets use to make the training LR.
+  bicubic), the same ones the "setting1"/"setting2" presets use to make the training LR; the blur is computed
+  with FFTs (`blur_fft`, equal to `ops.filter2d` to float rounding), whose kernel gradient is ~10× cheaper on CPU.
+- The estimator's convolutions keep PyTorch's default init; the trunc-normal(0.02) init is the restorer's (SwinIR
+  applies it to linear layers). `forward(..., kernel_only=True)` runs the estimator alone (estimator-only training).
+- Two optional estimator settings, off by default, on in the tiny CPU config, because the paper's free 21×21
+  softmax trained by the implicit loss alone did not learn an image-dependent kernel in a CPU budget (a 335-step
+  joint run on 16-px LR crops gave σ̂ 1.84–1.91 for every image; estimator-only runs on 48-px LR crops stayed
+  near-constant too, the taps far from a narrow start get almost no gradient through the softmax):
+  `kernel_parameterization="gaussian"` — a kernel prior: the head predicts the 3 parameters of an anisotropic
+  Gaussian (Cholesky factor of its covariance, σ ≥ `kernel_min_sigma`) instead of k² logits; the implicit loss
+  and everything downstream are unchanged, the kernel is still a k×k map. `estimator_normalization=True` — the
+  LR is standardised per image before the estimator and its pooled features are batch-normalised before the
+  head: blur has to be read from relative high-frequency content, and without it the pooled features differ
+  little between images, so the updates mostly move one kernel for all.
 - The SwinIR body pads its input to a multiple of the window (reflect) and builds shift masks per input size.
 - Optional `bicubic_skip` and `kernel_init_sigma` (off by default, on in the tiny CPU config): the upsampler
   predicts a residual over the bicubic-upsampled LR and the body's last conv starts at zero, and the estimator
