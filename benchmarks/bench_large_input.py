@@ -100,6 +100,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=None, help="tile edge in output px (dat default: automatic)")
     parser.add_argument("--vae-tile", type=int, default=512, help="diffusion: VAE tile edge in output px")
     parser.add_argument("--steps", type=int, default=1, help="diffusion steps")
+    parser.add_argument("--color-fix", default="wavelet", help="diffusion: wavelet (default), adain or none")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -162,6 +163,7 @@ def main() -> None:
             upscale=args.upscale,
             num_inference_steps=args.steps,
             guidance_scale=1.0,
+            color_fix=args.color_fix,
             tile_size=tile,
             vae_tile_size=args.vae_tile,
             generator=torch.Generator().manual_seed(0),
