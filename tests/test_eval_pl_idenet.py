@@ -48,11 +48,9 @@ def test_eval_runs_both_settings(tmp_path):
         estimator_normalization=True,
     )  # fmt: skip
     model.save_pretrained(tmp_path / "model")
-    args = ev.parse_args(
-        ["--model", str(tmp_path / "model"), "--dat-model", "", "--degradation-model", "", "--set5",
-         str(tmp_path / "set5"), "--setting2-dir", str(tmp_path / "held"), "--json", str(tmp_path / "out.json")]
-    )  # fmt: skip
-    summary = ev.main(args)
+    argv = ["--model", str(tmp_path / "model"), "--dat-model", "", "--degradation-model", "", "--set5",
+            str(tmp_path / "set5"), "--setting2-dir", str(tmp_path / "held")]  # fmt: skip
+    summary = ev.main(ev.parse_args([*argv, "--json", str(tmp_path / "out.json")]))
     s1, s2 = summary["setting1"], summary["setting2"]
     assert s1["n"] == 8 and s2["n"] == 1
     # the delta kernel's σ error is the applied σ itself; the constant prior's is |2.1 − σ|
@@ -65,3 +63,8 @@ def test_eval_runs_both_settings(tmp_path):
         assert key in s1 and key in s2
     rows = json.loads((tmp_path / "out.json").read_text())["rows"]
     assert [r["setting"] for r in rows].count("setting1") == 8 and "sigma_x" in rows[-1]
+    # --kernel-only: the same kernel figures without PL-IDENet's SR
+    quick = ev.main(ev.parse_args([*argv, "--kernel-only"]))["setting1"]
+    assert "pl_idenet_psnr" not in quick and "bicubic_psnr" in quick
+    for key in ("sigma_error_est", "kernel_l1_est", "sigma_corr_est"):
+        assert quick[key] == pytest.approx(s1[key], abs=1e-6)
