@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # warns that an optional CPU 4-bit kernel is missing, on every command. dalpsr quantises only on CUDA.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
-    first = next((a for a in argv if not a.startswith("-")), "")
+    first = argv[0] if argv and not argv[0].startswith("-") else ""
     module = first.replace("-", "_")
     # a known sub-command builds only its own parser; anything else (help, a typo) builds all to list them
     parser = build_parser(module if module in COMMANDS and first == module.replace("_", "-") else None)

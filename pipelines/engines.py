@@ -26,7 +26,7 @@ from dalpsr.image_io import load_image, tensor_to_pil
 from dalpsr.loaders.manifest import shipped_weights
 from dalpsr.loaders.restorers import RESTORER_SUBFOLDER, load_restorer
 from dalpsr.runtime import resolve_device, resolve_dtype, seeded_generator
-from dalpsr.tiling import tile_starts
+from dalpsr.tiling import auto_tile
 
 if TYPE_CHECKING:  # the pipeline (diffusers pipelines, transformers) is imported when a diffusion engine loads
     from dalpsr.pipelines.pipeline_dalpsr import DaLPSRPipeline
@@ -189,48 +189,29 @@ def resolve_restorer_source(path: str | None = None, engine: str = "dat") -> str
     )
 
 
-AUTO_TILE_AREA = 256 * 256
-"""Largest automatic LR tile area: bounds the memory of one restorer forward (that of a 256² tile)."""
-
-
 def lr_tiling(
-    tile_size: int | None, tile_overlap: int | None, scale: int, height: int, width: int, multiple: int = 1
+    tile_size: int | None,
+    tile_overlap: int | None,
+    scale: int,
+    height: int,
+    width: int,
+    multiple: int = 1,
+    square: bool = False,
 ) -> tuple[int | tuple[int, int] | None, int]:
-    """(LR tile edge, (height, width) or None, LR overlap) from a tile size / overlap in output pixels.
-
-    Automatic (`tile_size` None): an image of at most `AUTO_TILE_AREA` pixels runs whole; a larger one runs in
-    rectangular tiles of at most that area, of the shape that computes the fewest pixels, counting each tile padded
-    to the model's `multiple` (DAT pads its attention windows to 32). A 500×351 photo: 3 full-width tiles of
-    128×500 compute 1.09× its padded area; square 184² tiles computed 1.23×, 256² ones 2.18×.
-    """
+    """(LR tile: an edge, (height, width) or None; LR overlap) from `--tile-size` / `--tile-overlap` in output
+    pixels. Without a tile size the tiles are automatic (`dalpsr.tiling.auto_tile`: memory bounded, fewest pixels
+    computed for the model's padding `multiple`)."""
     if tile_size is not None:
         if tile_size < scale:
             raise ValueError(f"`--tile-size` must be at least the model scale {scale}; got {tile_size}.")
         tile = tile_size // scale
         overlap = 16 if tile_overlap is None else tile_overlap // scale
         return tile, min(overlap, tile // 2)
-    if height * width <= AUTO_TILE_AREA:
-        return None, 0
-    overlap = min(16 if tile_overlap is None else tile_overlap // scale, min(height, width) // 2)
-    step = max(multiple, 8)
-
-    def padded(edge: int) -> int:
-        return -(-edge // multiple) * multiple
-
-    def edges(length: int) -> list[int]:  # multiples of the step, and the whole side
-        return [e for e in range(step, length, step) if e >= 2 * overlap] + [length]
-
-    best = None
-    for th in edges(height):
-        rows = len(tile_starts(height, th, min(overlap, th - 1)))
-        for tw in edges(width):
-            if th * tw > AUTO_TILE_AREA:
-                break
-            cols = len(tile_starts(width, tw, min(overlap, tw - 1)))
-            key = (rows * cols * padded(th) * padded(tw), rows * cols, -th * tw)
-            if best is None or key < best[0]:
-                best = (key, (th, tw))
-    return best[1], overlap
+    overlap = 16 if tile_overlap is None else tile_overlap // scale
+    try:
+        return auto_tile(height, width, overlap, multiple, square)
+    except ValueError as err:
+        raise ValueError(f"`--tile-overlap` {tile_overlap}: {err}") from None
 
 
 class RestorerEngine:
@@ -272,7 +253,9 @@ class RestorerEngine:
         image = load_image(job.src)
         lr = image.rgb[None].to(self.device)
         h, w = lr.shape[-2:]
-        tile, overlap = lr_tiling(self.tile_size, self.tile_overlap, self.model.scale, h, w, self.model.tile_multiple)
+        tile, overlap = lr_tiling(
+            self.tile_size, self.tile_overlap, self.model.scale, h, w, self.model.tile_multiple, self.model.tile_square
+        )
         sr = self.model.super_resolve(
             lr, encoder=self.encoder, tile_size=tile, tile_overlap=overlap, dtype=self.autocast
         )

@@ -36,7 +36,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from dalpsr.color import COLOR_FIX_MODES, apply_color_fix
 from dalpsr.image_io import RGBImage, tensor_to_pil, to_rgb_images
 from dalpsr.models.controlnet import build_lr_controlnet
-from dalpsr.tiling import tiled_map
+from dalpsr.tiling import auto_tile, tiled_map
 
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, oversmooth, worst quality, low quality, jpeg artifacts"
 DEFAULT_QUALITY_PROMPT = "clean, high-resolution, 8k, ultra-detailed"
@@ -928,7 +928,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             pre_restore: two-stage restoration (DiffBIR-style): the `restorer`'s regression estimate replaces the
                 bicubic LR as the LR-branch condition, start latent, caption input and colour reference; it shares
                 the degradation encoder's pass with the prompt decoder. None: on when a restorer is set.
-            restorer_tile_size: tile edge in LR pixels for the restorer (None: whole images).
+            restorer_tile_size: tile edge in LR pixels for the restorer (None: automatic tiles of bounded memory,
+                `dalpsr.tiling.auto_tile`; a small image runs whole).
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -1009,7 +1010,12 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             restored = None
             if restore:
                 lr = torch.stack([im.rgb for im in group]).to(device=device, dtype=self.restorer.dtype)
-                restored = self.restorer.super_resolve(lr, features=features, tile_size=restorer_tile_size)
+                tile, overlap = restorer_tile_size, 16
+                if tile is None:  # automatic: memory bounded (`dalpsr.tiling.auto_tile`)
+                    tile, overlap = auto_tile(
+                        *lr.shape[-2:], 16, self.restorer.tile_multiple, self.restorer.tile_square
+                    )
+                restored = self.restorer.super_resolve(lr, features=features, tile_size=tile, tile_overlap=overlap)
             upsampled, cond = self.prepare_image(group, upscale, device, self.controlnet.dtype, restored=restored)
             out_h, out_w = upsampled.shape[-2:]
 

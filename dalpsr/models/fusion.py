@@ -358,6 +358,11 @@ class DATRestorer(ModelMixin, ConfigMixin):
         """DAT pads its attention windows to multiples of this edge: tiles of multiples of it waste no compute."""
         return max(self.dat.config.split_size)
 
+    @property
+    def tile_square(self) -> bool:
+        """False: any tile shape runs."""
+        return False
+
     # ------------------------------------------------------------------------------------- conditioning
     def project_features(self, features: DegradationFeatures, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """Normalised, projected (content (B, 1, C), degradation (B, K, C)) tokens; computed once per image.

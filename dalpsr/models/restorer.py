@@ -235,6 +235,11 @@ class SpandrelRestorer(ModelMixin, ConfigMixin):
         """Inputs are padded to multiples of this edge (spandrel's size requirement)."""
         return self.config.size_multiple_of
 
+    @property
+    def tile_square(self) -> bool:
+        """Whether the network needs square inputs (spandrel's size requirement): tiles are then square."""
+        return bool(self.config.size_square)
+
     def _pad_to_requirements(self, x: Tensor) -> tuple[Tensor, int, int]:
         """Reflect/replicate-pad (right and bottom) to the network's size requirements; returns the original size."""
         h, w = x.shape[-2:]
