@@ -71,3 +71,28 @@ def test_describe_reports_and_draws_the_kernel(folders, tmp_path, capsys):
 def test_loader_errors(tmp_path):
     with pytest.raises(KernelModelNotFoundError, match="no config.json"):
         load_kernel_estimator(tmp_path)
+
+
+def test_describe_uses_the_shipped_kernel_model_by_default(folders, tmp_path, capsys):
+    from dalpsr.loaders.pl_idenet import default_kernel_model_dir
+
+    shipped = default_kernel_model_dir()
+    if shipped is None:
+        pytest.skip("this installation ships no PL-IDENet (weights/pl_idenet_tiny)")
+    model = load_kernel_estimator()
+    assert model.config.scale == 4 and not model.training
+    base = ["describe", "--model", str(folders / "degradation"), "--device", "cpu", str(folders / "a.png")]
+    assert main([*base, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rgb = torch.from_numpy(np.array(Image.open(folders / "a.png"))).permute(2, 0, 1).float() / 255
+    assert report["kernel"]["sigma"] == pytest.approx(model.describe_kernel(rgb)["sigma"], abs=1e-3)
+    assert report["kernel"]["scale"] == 4
+    assert main(base) == 0
+    assert "  kernel     sigma " in capsys.readouterr().out
+    # an image too small for the estimator: the default skips the kernel line, a requested model reports it
+    small = tmp_path / "small.png"
+    Image.new("RGB", (5, 3), (10, 200, 30)).save(small)
+    assert main([*base[:-1], str(small), "--json"]) == 0
+    assert "kernel" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*base[:-1], str(small), "--kernel-model", str(shipped)]) == 1
+    assert "h, w >= 8" in capsys.readouterr().err

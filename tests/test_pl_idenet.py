@@ -206,6 +206,17 @@ def test_kernel_moments_and_description():
     assert report["scale"] == 2 and report["kernel"].shape == (7, 7)
     with torch.no_grad():
         torch.testing.assert_close(report["kernel"], model.estimate_kernel(image[None])[0])
+    # a larger image: the mean kernel of a grid of crops of `crop_size`
+    from dalpsr.models.prompt_decoder import grid_crops
+
+    big = torch.rand(3, 40, 33)
+    crops = grid_crops(big, (16, 16), 4)
+    assert crops.shape == (4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model.estimate_kernel(crops).mean(0)
+    torch.testing.assert_close(model.describe_kernel(big, crop_size=16, max_crops=4)["kernel"], expected)
+    with pytest.raises(ValueError, match="`crop_size`"):
+        model.describe_kernel(big, crop_size=4)
     assert report["sigma"] == pytest.approx(float(kernel_sigma(report["kernel"][None])[0]), abs=1e-4)
     with pytest.raises(ValueError, match="`image`"):
         model.describe_kernel(torch.rand(1, 3, 12, 10))

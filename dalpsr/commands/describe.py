@@ -3,7 +3,8 @@
 Each line says its evidence: a JPEG file's quality comes from its quantisation tables; the rest, and every
 decoded image, from the learned estimator (degradation encoder + prompt decoder). With a kernel estimator
 (`--kernel-model`, default: the shipped PL-IDENet when there is one) the report adds the estimated blur kernel: σ and
-its principal axes in pixels of the image upscaled by the estimator's scale; `--kernel-png` draws it.
+its principal axes in pixels of the image upscaled by the estimator's scale; `--kernel-png` draws it. The shipped
+default skips images smaller than the estimator's input minimum (8 px a side).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dalpsr.loaders.degradation import (
     load_degradation_models,
 )
 from dalpsr.loaders.pl_idenet import KernelModelNotFoundError, load_kernel_estimator
-from dalpsr.models.pl_idenet import kernel_picture
+from dalpsr.models.pl_idenet import MIN_INPUT_SIZE, kernel_picture
 from dalpsr.models.prompt_decoder import describe_image
 from dalpsr.runtime import resolve_device
 
@@ -91,7 +92,10 @@ def run_describe(args) -> int:
         try:  # any failure on one file (undecodable, too large, too small for the model) is reported; the rest go on
             rgb, jpeg = load_image(path).rgb, read_jpeg_quality(path)
             prediction = describe_image(encoder, decoder, rgb, args.max_crops, args.threshold, jpeg=jpeg)
-            estimate = kernel_model.describe_kernel(rgb) if kernel_model is not None else None
+            estimate = None
+            # the default (shipped) estimator skips images too small for it; a requested one reports them
+            if kernel_model is not None and (args.kernel_model is not None or min(rgb.shape[-2:]) >= MIN_INPUT_SIZE):
+                estimate = kernel_model.describe_kernel(rgb)
         except Exception as err:  # noqa: BLE001
             message = str(err) if str(path) in str(err) else f"{path}: {type(err).__name__}: {err}"
             print(f"error: {message}", file=sys.stderr)

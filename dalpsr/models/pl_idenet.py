@@ -61,6 +61,7 @@ from dalpsr.degradations.kernels import gaussian_family_kernel
 from dalpsr.degradations.wiener import wiener_deconvolve
 
 _RGB_MEAN = (0.4488, 0.4371, 0.4040)
+MIN_INPUT_SIZE = 8  # smallest LR side the model accepts
 _MASK_VALUE = -100.0
 
 
@@ -570,18 +571,28 @@ class PLIDENet(ModelMixin, ConfigMixin):
         return self.estimator(lr)
 
     @torch.no_grad()
-    def describe_kernel(self, image: Tensor) -> dict:
-        """The blur kernel estimated on one whole 3×h×w image in [0, 1], summarised for a degradation report.
+    def describe_kernel(self, image: Tensor, crop_size: int = 128, max_crops: int = 9) -> dict:
+        """The blur kernel estimated on one 3×h×w image in [0, 1], summarised for a degradation report.
+
+        An image larger than `crop_size` is read through up to `max_crops` crops of that size spread over it
+        (`grid_crops`) and their kernels are averaged: the cost stays bounded on large photos, and the estimator
+        sees inputs of the size it was trained on.
 
         Returns:
             {"sigma", "sigma_major", "sigma_minor", "angle_deg" (see `kernel_moments`), "scale", "kernel" (k×k
             tensor)}. The kernel acts at ×`scale` resolution: σ is in pixels of the image upscaled by `scale`.
         """
-        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or min(image.shape[-2:]) < 8:
+        from dalpsr.models.prompt_decoder import grid_crops
+
+        n = MIN_INPUT_SIZE
+        if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] != 3 or min(image.shape[-2:]) < n:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-            raise ValueError(f"`image` must be a 3×h×w tensor with h, w >= 8; got {shape}.")
+            raise ValueError(f"`image` must be a 3×h×w tensor with h, w >= {n}; got {shape}.")
+        if not isinstance(crop_size, int) or crop_size < n:
+            raise ValueError(f"`crop_size` must be an int >= {n}; got {crop_size!r}.")
         p = next(self.parameters())
-        kernel = self.estimate_kernel(image[None].to(p.device, p.dtype))[0].float().cpu()
+        crops = grid_crops(image, (crop_size, crop_size), max_crops)
+        kernel = self.estimate_kernel(crops.to(p.device, p.dtype)).float().mean(0).cpu()
         return {**kernel_moments(kernel), "scale": self.config.scale, "kernel": kernel}
 
     def restore(self, image: Tensor, kernel: Tensor) -> Tensor:
