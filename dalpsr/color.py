@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 COLOR_FIX_MODES = ("wavelet", "adain", "none")
+BAND_VALUES = 2**24
+"""Values (batch × channels × rows × width) per band of the wavelet fix: bounds its temporaries (64 MB each)."""
 
 # 3×3 binomial kernel (outer product of [1, 2, 1] / 4).
 _BINOMIAL = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]) / 16.0
@@ -61,7 +63,16 @@ def apply_color_fix(image: torch.Tensor, reference: torch.Tensor, mode: str) -> 
         raise ValueError(
             f"`reference` must have the shape of `image` {tuple(image.shape)}; got {tuple(reference.shape)}."
         )
-    dtype = image.dtype
-    image32, ref32 = image.float(), reference.float()
-    fixed = wavelet_color_fix(image32, ref32) if mode == "wavelet" else adain_color_fix(image32, ref32)
-    return fixed.clamp(0.0, 1.0).to(dtype)
+    if mode == "adain":
+        return adain_color_fix(image.float(), reference.float()).clamp(0.0, 1.0).to(image.dtype)
+    # Wavelet in bands of rows, each read with the 2^5 - 1 = 31 rows the five dilated blurs reach on either side:
+    # the same result, without five float32 copies of a whole large output at once.
+    halo = 2**5 - 1
+    height = image.shape[-2]
+    rows = max(4 * halo, BAND_VALUES // max(1, image[..., :1, :].numel()))
+    out = torch.empty_like(image)
+    for top in range(0, height, rows):
+        lo, hi = max(0, top - halo), min(height, top + rows + halo)
+        fixed = wavelet_color_fix(image[..., lo:hi, :].float(), reference[..., lo:hi, :].float())
+        out[..., top : top + rows, :] = fixed[..., top - lo : top - lo + rows, :].clamp(0.0, 1.0)
+    return out

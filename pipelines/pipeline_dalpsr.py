@@ -678,7 +678,8 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
     def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None = None) -> torch.Tensor:
         """Scaled latents → B×3×H×W float32 images in [0, 1] (tiled VAE above `vae_tile_size` pixels)."""
-        return (self._vae_decode(latents.to(self.vae.dtype), vae_tile_size).float() / 2 + 0.5).clamp(0, 1)
+        images = self._vae_decode(latents.to(self.vae.dtype), vae_tile_size).float()
+        return images.div_(2).add_(0.5).clamp_(0, 1)  # in place: no second copy of a large output
 
     def encode_degradation(self, images: list[RGBImage], device):
         """One pass of the shared feature stack (`degradation_encoder`) over same-size LR images.
@@ -1127,6 +1128,7 @@ class DaLPSRPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             if output_type == "latent":
                 outputs.append(lat)
                 continue
+            cond = args = None  # the padded condition, a full-size copy, is done with
             sr = self.decode_latents(lat, vae_tile)[:, :, :out_h, :out_w]
             sr = apply_color_fix(sr, upsampled.float(), color_fix)
             outputs.append(self._postprocess(sr, group, output_type))

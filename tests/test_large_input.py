@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dalpsr import color
 from dalpsr.batch import Job
 from dalpsr.image_io import tensor_to_pil
 from dalpsr.pipelines.engines import RestorerEngine
@@ -89,3 +90,14 @@ def test_the_8_bit_conversion_makes_no_float_copy_of_the_whole_image():
     # Converted at once, the scaled and the rounded float32 copies alone took 2 × 36 MB; in bands of rows, the
     # 9 MB uint8 result and two band-sized temporaries.
     assert peak < 0.5 * rgb.numel() * 4, peak
+
+
+def test_the_wavelet_colour_fix_in_bands_of_rows_is_the_whole_image_fix(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    image, reference = torch.rand(2, 3, 300, 41, generator=g), torch.rand(2, 3, 300, 41, generator=g)
+    whole = color.wavelet_color_fix(image, reference).clamp(0, 1)
+    monkeypatch.setattr(color, "BAND_VALUES", 1)  # bands of the minimum 124 rows: 3 of them
+    assert torch.equal(color.apply_color_fix(image, reference, "wavelet"), whole)
+    view = torch.rand(1, 3, 310, 50, generator=g)[:, :, :300, :41]  # a cropped output, as the pipeline passes
+    fixed = color.apply_color_fix(view, reference[:1], "wavelet")
+    assert torch.equal(fixed, color.wavelet_color_fix(view, reference[:1]).clamp(0, 1))
