@@ -15,8 +15,11 @@ resident memory (`resource.getrusage`: run one engine per process) beside the ou
 energy: mean |gradient| across the tile borders over the mean |gradient| elsewhere, beside the same ratio at the
 borders shifted by 1/8 … 7/8 of the tile stride (a control: a border ratio within their range means no seam).
 
-Run (one at a time): `OMP_NUM_THREADS=1 python benchmarks/bench_large_input.py --engine dat --size 4000x3000`
-                     `OMP_NUM_THREADS=1 python benchmarks/bench_large_input.py --engine diffusion --size 4000x3000`
+Run one at a time (measured here at 1 thread: about 16 minutes for the first, 6 for the second):
+    OMP_NUM_THREADS=1 python benchmarks/bench_large_input.py --engine dat --size 4000x3000
+    OMP_NUM_THREADS=1 python benchmarks/bench_large_input.py --engine diffusion --size 4000x3000 --upscale 1 \
+        --tile 128 --vae-tile 128
+(the tiny diffusion components at ×4 and 512-px tiles would take hours: their attention runs over a whole tile).
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("dat", "diffusion"), required=True)
     parser.add_argument("--size", default="4000x3000", help="LR size W×H")
     parser.add_argument("--upscale", type=int, default=4)
-    parser.add_argument("--tile", type=int, default=None, help="tile edge in output px (dat default: automatic)")
+    parser.add_argument("--tile", type=int, default=None, help="tile edge, output px (dat: automatic; diffusion: 512)")
     parser.add_argument("--vae-tile", type=int, default=512, help="diffusion: VAE tile edge in output px")
     parser.add_argument("--steps", type=int, default=1, help="diffusion steps")
     parser.add_argument("--color-fix", default="wavelet", help="diffusion: wavelet (default), adain or none")
