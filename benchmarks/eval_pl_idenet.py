@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dalpsr.evaluation.degradation import pearson
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 # PL-IDENet's published ×4 figures (PSNR, SSIM): Setting 1 Set5, Setting 2 DIV2KRK
@@ -208,18 +210,6 @@ def summarise(rows: list[dict]) -> dict:
             if all(key in r for r in sel):
                 out[setting][f"sigma_corr_{name}"] = pearson([r[key] for r in sel], [r["sigma_true"] for r in sel])
     return out
-
-
-def pearson(a: list[float], b: list[float]) -> float | None:
-    """Pearson correlation; None when either list is constant (a constant estimate follows no blur)."""
-    n = len(a)
-    if n < 2:
-        return None
-    ma, mb = sum(a) / n, sum(b) / n
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    if va <= 1e-24 or vb <= 1e-24:
-        return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
 
 
 def _corr(value) -> str:

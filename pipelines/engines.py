@@ -214,6 +214,18 @@ def lr_tiling(
         raise ValueError(f"`--tile-overlap` {tile_overlap}: {err}") from None
 
 
+def to_output(sr: torch.Tensor, image, out_h: int, out_w: int):
+    """A 1×C×H×W model output as the PIL output of `image` at out_h×out_w: resized bicubically when the model's
+    scale differs from the requested upscale, the input's alpha resized and reattached, its mode kept."""
+    if sr.shape[-2:] != (out_h, out_w):
+        down = out_h < sr.shape[-2]
+        sr = F.interpolate(sr, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=down)
+    alpha = image.alpha
+    if alpha is not None:
+        alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
+    return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode)
+
+
 class RestorerEngine:
     """A regression restorer (`DATRestorer` or `SpandrelRestorer`, see `load_restorer`) on one file per call,
     resized to `upscale` × the input when the model's scale differs; alpha is resized bicubically and reattached.
@@ -259,17 +271,11 @@ class RestorerEngine:
         sr = self.model.super_resolve(
             lr, encoder=self.encoder, tile_size=tile, tile_overlap=overlap, dtype=self.autocast
         )
-        out_h, out_w = round(h * self.upscale), round(w * self.upscale)
-        if sr.shape[-2:] != (out_h, out_w):
-            down = out_h < sr.shape[-2]
-            sr = F.interpolate(sr, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=down)
-        alpha = image.alpha
-        if alpha is not None:
-            alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
-        record = {"engine": self.name, "size_wh": [out_w, out_h]}
+        pil = to_output(sr, image, round(h * self.upscale), round(w * self.upscale))
+        record = {"engine": self.name, "size_wh": list(pil.size)}
         if image.note:
             record["note"] = image.note
-        return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
+        return pil, record
 
 
 # ------------------------------------------------------------------------------------------------ CLIP-SR
@@ -328,15 +334,9 @@ class ClipSREngine:
         h, w = lr.shape[-2:]
         text, origin = self.prompt_for(lr, degradation_prompt)
         sr = self.model.super_resolve(lr, embed_prompts(self.encoder, [text]) if text else None)
-        out_h, out_w = round(h * self.upscale), round(w * self.upscale)
-        if sr.shape[-2:] != (out_h, out_w):
-            down = out_h < sr.shape[-2]
-            sr = F.interpolate(sr, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=down)
-        alpha = image.alpha
-        if alpha is not None:
-            alpha = F.interpolate(alpha[None], size=(out_h, out_w), mode="bicubic", align_corners=False)[0].cpu()
-        record = {"engine": self.name, "size_wh": [out_w, out_h], "degradation_prompt": text, "prompt_source": origin}
-        return tensor_to_pil(sr[0].float().cpu(), alpha, image.mode), record
+        pil = to_output(sr, image, round(h * self.upscale), round(w * self.upscale))
+        record = {"engine": self.name, "size_wh": list(pil.size), "degradation_prompt": text, "prompt_source": origin}
+        return pil, record
 
 
 # ------------------------------------------------------------------------------------------------ --engine auto

@@ -23,11 +23,12 @@ def load_script():
 
 
 def test_pearson():
-    ev = load_script()
-    assert ev.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
-    assert ev.pearson([1.0, 2.0], [2.0, 1.0]) == pytest.approx(-1.0)
-    assert ev.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # a constant estimate follows no blur
-    assert ev.pearson([1.0], [2.0]) is None
+    from dalpsr.evaluation.degradation import pearson
+
+    assert pearson([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1])
+    assert pearson([1.0, 2.0], [2.0, 1.0]) == pytest.approx(-1.0)
+    assert pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None  # a constant estimate follows no blur
+    assert pearson([1.0], [2.0]) is None
 
 
 @pytest.mark.slow  # ~20 s on one thread (metric set-up and 9 cases)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
+from dalpsr.evaluation.degradation import pearson
 from dalpsr.training_utils import (
     COUNT_ARGUMENTS,
     EpochPermutation,
@@ -237,18 +238,6 @@ def evaluate(net, items: list[dict], scale: int, device, bicubic_cache: dict | N
         "sigma_corr": pearson([r["sigma_est"] for r in rows], [r["sigma_true"] for r in rows]),
         "images": rows,
     }
-
-
-def pearson(a: list[float], b: list[float]) -> float | None:
-    """Pearson correlation of two equal-length lists; None when either is constant (or shorter than 2)."""
-    n = len(a)
-    if n < 2:
-        return None
-    ma, mb = sum(a) / n, sum(b) / n
-    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
-    if va <= 1e-24 or vb <= 1e-24:
-        return None
-    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
 
 
 def main(args: argparse.Namespace) -> Path:

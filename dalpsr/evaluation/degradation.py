@@ -91,3 +91,16 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"\nconfusion {name} (rows true, columns predicted: {' '.join(classes)})")
         lines.extend("  " + f"{c:<5}" + " ".join(f"{v:>5}" for v in row) for c, row in zip(classes, m["confusion"]))
     return "\n".join(lines)
+
+
+def pearson(a: list[float], b: list[float]) -> float | None:
+    """Pearson correlation of two equal-length lists (e.g. an estimated blur σ against the true one); None when
+    either is constant (a constant estimate follows nothing) or shorter than 2."""
+    n = len(a)
+    if n < 2:
+        return None
+    ma, mb = sum(a) / n, sum(b) / n
+    va, vb = sum((x - ma) ** 2 for x in a), sum((y - mb) ** 2 for y in b)
+    if va <= 1e-24 or vb <= 1e-24:
+        return None
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (va * vb) ** 0.5
